@@ -1,0 +1,358 @@
+"""The project config: one pydantic model per section, YAML loading, dotted overrides, and
+error messages that name the file, the key and the closest valid key.
+
+Relative paths in a config (data sources, output_dir, chat templates) are resolved against the
+directory of the config file, so a project folder can be moved or run from anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message says where and how to fix it (exit code 2)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class ProjectConfig(Section):
+    name: str = "tunepipe-project"
+    goal: str = ""
+    output_dir: str = "runs/default"  # relative to the config file
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'24h', '1h30m', '90m', '2d' -> seconds."""
+    m = _DURATION.match(text)
+    if not text.strip() or not m or not any(m.groups()):
+        raise ValueError(f"cannot read duration {text!r}; write it like '24h', '1h30m' or '90m'")
+    d, h, mins = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mins * 60
+
+
+class HardwareConfig(Section):
+    gpus: int = Field(0, ge=0, description="GPUs per node the run is planned for (0 = CPU)")
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    nodes: int = Field(1, ge=1)
+    time_limit: str | None = None  # e.g. "24h"
+
+    @field_validator("time_limit")
+    @classmethod
+    def _check_time_limit(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    @property
+    def time_limit_s(self) -> float | None:
+        return parse_duration(self.time_limit) if self.time_limit else None
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    revision: str | None = None
+    # auto = flash_attention_2 only when it imports and runs on this GPU, else sdpa.
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    # auto = bf16 on GPUs that support it; fp32 weights on CPU (bf16 autocast where the CPU has bf16).
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False  # never on unless the user asks: it runs code from the model repo
+    chat_template: str | None = None  # a path to a .jinja file, or the template text itself
+    enable_thinking: bool | None = None  # passed to templates that know it (Qwen3)
+
+
+class DataSource(Section):
+    path: str
+    format: (
+        Literal["auto", "messages", "prompt_completion", "preference", "sharegpt", "alpaca", "text"] | None
+    ) = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0)
+
+
+def _as_sources(v: Any) -> Any:
+    if v is None:
+        return []
+    if isinstance(v, str | dict):
+        v = [v]
+    return [{"path": s} if isinstance(s, str) else s for s in v]
+
+
+class StageData(Section):
+    train: list[DataSource] = Field(default_factory=list)
+    eval: list[DataSource] = Field(default_factory=list)
+    eval_split: float | None = Field(None, gt=0, lt=1)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _normalise_sources(cls, v: Any) -> Any:
+        return _as_sources(v)
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> StageData:
+        if self.eval and self.eval_split:
+            raise ValueError("set either `eval` (files) or `eval_split` (a fraction of train), not both")
+        return self
+
+
+class DataConfig(Section):
+    sft: StageData = Field(default_factory=StageData)
+    dpo: StageData = Field(default_factory=StageData)
+    max_length: int = Field(2048, ge=8)
+    truncation: Literal["drop", "truncate", "error"] = "drop"
+    max_bad_rows: float = Field(0.01, ge=0, description="a fraction (<1) or a count (>=1) of rejected rows")
+    train_on: Literal["all", "last"] = "all"  # which assistant turns of a conversation are trained
+    seed: int = 0
+
+
+class TrainingConfig(Section):
+    """Defaults shared by the training stages."""
+
+    seed: int = 42
+    logging_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    save_steps: int | None = None  # None = at the end only
+    save_total_limit: int = 2
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)  # higher adapts more, costs memory and time
+    alpha: int = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class StageTrainingConfig(Section):
+    enabled: bool = True
+    method: Literal["lora", "qlora"] = "lora"  # qlora = LoRA on a 4-bit base (needs model.load_in_4bit)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1 = derived from num_train_epochs")
+    learning_rate: float = Field(2e-4, gt=0)
+    per_device_train_batch_size: int = Field(2, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    # auto = on for SFT on GPU, off for DPO and on CPU (where memory is plenty and time is short).
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+
+    @model_validator(mode="after")
+    def _check_max_steps(self) -> StageTrainingConfig:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("max_steps must be -1 (use num_train_epochs) or a positive number")
+        return self
+
+
+class SFTConfig(StageTrainingConfig):
+    packing: bool = False
+
+
+class DPOConfig(StageTrainingConfig):
+    per_device_train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)  # higher keeps the policy closer to the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # The reference policy is the SFT model (the LoRA adapter disabled on the merged SFT weights).
+    reference: Literal["sft"] = "sft"
+
+
+ModelName = Literal["base", "sft", "dpo"]
+MetricName = Literal["exact_match", "loss", "preference_accuracy"]
+
+
+class EvalConfig(Section):
+    models: list[ModelName] = Field(default_factory=lambda: ["base", "sft", "dpo"])
+    # Prepared splits written by the data stage: sft_eval (conversations), dpo_eval (pairs).
+    sets: list[Literal["sft_eval", "dpo_eval"]] = Field(default_factory=lambda: ["sft_eval", "dpo_eval"])
+    metrics: list[MetricName] = Field(default_factory=lambda: ["exact_match", "loss", "preference_accuracy"])
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+
+
+class ReportConfig(Section):
+    title: str | None = None
+    plots: bool = True
+
+
+class Config(Section):
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    # Where relative paths are anchored; set by load_config, not part of the YAML.
+    _base_dir: Path = Path(".")
+    _source: str = "<defaults>"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        for stage in ("sft", "dpo"):
+            if getattr(self, stage).method == "qlora" and not self.model.load_in_4bit:
+                raise ValueError(f"{stage}.method: qlora needs model.load_in_4bit: true")
+            if not getattr(self, stage).enabled and stage in self.eval.models:
+                raise ValueError(f"eval.models lists '{stage}' but {stage}.enabled is false")
+        return self
+
+    def path(self, p: str | Path) -> Path:
+        """Resolve a path from the config relative to the config file's directory."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self._base_dir / q).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.path(self.project.output_dir)
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+
+# --------------------------------------------------------------------------- loading
+
+_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
+
+
+def redact(obj: Any) -> Any:
+    """Replace values of secret-looking keys; configs and reports never carry secrets."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'sft.learning_rate=1e-4' -> (['sft', 'learning_rate'], 0.0001). Values are read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not KEY=VALUE; write it like sft.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads '1e-4' as a string; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", value, re.I) else value
+        except ValueError:
+            pass
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class found by walking `loc` from Config (None if not a model)."""
+    cls: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        cls = None
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            for inner in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    cls = inner
+        if cls is None:
+            return None
+    return cls
+
+
+def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
+            where = ".".join(str(p) for p in loc[:-1]) or "top level"
+            lines.append(
+                f"{source}: unknown key '{dotted}' {hint} (valid keys in {where}: {', '.join(valid)})".replace(
+                    "  ", " "
+                )
+            )
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {dotted or 'config'}: {msg} (got {e.get('input')!r})")
+    if overrides:
+        lines.append(f"command-line overrides applied: {' '.join(overrides)}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or defaults when path is None), apply KEY=VALUE overrides, validate."""
+    overrides = list(overrides or [])
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (create one with `tunepipe init DIR`)")
+        source, base = str(p), p.resolve().parent
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections (project:, model:, ...)")
+        raw = loaded
+    raw = apply_overrides(raw, overrides)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source, overrides)) from None
+    cfg._base_dir = base
+    cfg._source = source
+    return cfg
+
+
+def dump_resolved(cfg: Config) -> str:
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
