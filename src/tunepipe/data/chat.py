@@ -1,0 +1,78 @@
+"""Chat templates and assistant-only loss masks that work for any template.
+
+The template is rendered incrementally: for assistant turn i, the text of the conversation up to
+turn i-1 with the generation prompt marks where the reply starts, and the text up to turn i marks
+where it ends (the end-of-turn token included, so the model learns to stop). Characters are mapped to
+tokens with the tokenizer's offset mapping, so no `{% generation %}` markers are needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .formats import Conversation
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(ValueError):
+    """The tokenizer's chat template cannot be used (missing, or not prefix-stable)."""
+
+
+def template_kwargs(enable_thinking: bool | None) -> dict[str, Any]:
+    return {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+
+
+def render(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool = False,
+           enable_thinking: bool | None = None) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the tokenizer has no chat template; set `model.chat_template` to a .jinja file or template text"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs(enable_thinking)
+    )
+
+
+def assistant_spans(tokenizer: Any, messages: Conversation, *, train_on: str = "all",
+                    enable_thinking: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of the trained assistant turns."""
+    full = render(tokenizer, messages, enable_thinking=enable_thinking)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last":
+        turns = turns[-1:]
+    spans = []
+    for i in turns:
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, enable_thinking=enable_thinking) \
+            if i > 0 else ""
+        upto = render(tokenizer, messages[: i + 1], enable_thinking=enable_thinking)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise TemplateError(
+                "the chat template renders earlier turns differently once later turns are added, so the "
+                f"assistant turn {i} cannot be located; use `data.train_on: last` or set `model.chat_template`"
+            )
+        # Trailing whitespace after the end-of-turn token is formatting, not something to learn.
+        end = len(upto.rstrip())
+        if end > len(before):
+            spans.append((len(before), end))
+    return full, spans
+
+
+def tokenize_conversation(tokenizer: Any, messages: Conversation, *, train_on: str = "all",
+                          enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+    """input_ids and labels, with labels = IGNORE_INDEX everywhere except assistant replies."""
+    text, spans = assistant_spans(tokenizer, messages, train_on=train_on, enable_thinking=enable_thinking)
+    # The template already holds the special tokens (BOS, turn markers); don't add them twice.
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for j, (s, e) in enumerate(enc["offset_mapping"]):
+        if e > s and any(s < end and e > start for start, end in spans):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def prompt_text(tokenizer: Any, messages: Conversation, enable_thinking: bool | None = None) -> str:
+    """The prompt for generation: every message before the last assistant turn, plus the generation prompt."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return render(tokenizer, messages[:last], add_generation_prompt=True, enable_thinking=enable_thinking)
