@@ -1,0 +1,162 @@
+"""Model and tokenizer loading: which attention kernel, which dtype, quantization, device map, LoRA.
+
+Every choice comes with the reason for it, so `doctor` and the logs can say what was picked and why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .compat import dtype_kwarg
+from .config import Config, ModelConfig, StageTrainingConfig
+from .quickstart.model import resolve_model_path
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # "cuda" | "cpu"
+    attn_implementation: str
+    attn_reason: str
+    dtype: str  # weights dtype
+    bf16_autocast: bool  # mixed precision for training
+    reason: str
+
+
+@cache
+def cpu_supports_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are fast; without them bf16 on CPU is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def flash_attn_usable() -> tuple[bool, str]:
+    """Import flash_attn and run it once: a wheel built for another torch imports but fails at call time."""
+    if not cuda_available():
+        return False, "no CUDA GPU"
+    try:
+        import torch
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        flash_attn_func(q, q, q)
+        return True, "flash-attn imports and runs"
+    except Exception as e:  # ImportError, undefined symbol (ABI mismatch), unsupported GPU
+        return False, f"flash-attn not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+
+def resolve_attention(requested: str) -> tuple[str, str]:
+    if requested != "auto":
+        return requested, "set in model.attn_implementation"
+    ok, why = flash_attn_usable()
+    if ok:
+        return "flash_attention_2", why
+    return "sdpa", f"sdpa because {why}"
+
+
+def plan_for(model_cfg: ModelConfig) -> Plan:
+    attn, attn_reason = resolve_attention(model_cfg.attn_implementation)
+    if cuda_available():
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+        dtype = {"auto": "bfloat16" if bf16 else "float16"}.get(model_cfg.dtype, model_cfg.dtype)
+        return Plan("cuda", attn, attn_reason, dtype, False, f"GPU: {dtype} weights")
+    if model_cfg.dtype not in ("auto", "float32"):
+        return Plan("cpu", attn, attn_reason, model_cfg.dtype, False, f"CPU: {model_cfg.dtype} as configured")
+    autocast = cpu_supports_bf16()
+    why = "CPU with bf16 support: fp32 weights, bf16 autocast" if autocast else (
+        "CPU without AMX/avx512_bf16: fp32 (bf16 would be slower here)")
+    return Plan("cpu", attn, attn_reason, "float32", autocast, why)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def model_path(cfg: Config, log: Any = print) -> str:
+    return resolve_model_path(cfg.model.name_or_path, log=log)
+
+
+def load_tokenizer(cfg: Config, path: str | None = None, log: Any = print) -> Any:
+    from transformers import AutoTokenizer
+
+    path = path or model_path(cfg, log)
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if cfg.model.chat_template:
+        p = cfg.path(cfg.model.chat_template)
+        tok.chat_template = p.read_text() if p.is_file() else cfg.model.chat_template
+    if tok.pad_token is None:
+        # Padding is masked out everywhere; reusing EOS is the common, safe choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = print) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": cfg.model.revision,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "attn_implementation": plan.attn_implementation,
+        **dtype_kwarg(getattr(torch, plan.dtype)),
+    }
+    if cfg.model.load_in_4bit:
+        if plan.device != "cuda":
+            raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
+        )
+    if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in os.environ):
+        # Under DDP every process must own its whole model copy on its own GPU.
+        kwargs["device_map"] = {"": local_rank()}
+    return AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **kwargs)
+
+
+def lora_config(stage_cfg: StageTrainingConfig) -> Any:
+    from peft import LoraConfig
+
+    lc = stage_cfg.lora
+    return LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def merge_adapter(model: Any, adapter_dir: Path) -> Any:
+    """Fold a saved LoRA adapter into the weights: the next stage starts from this model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+
+
+def load_stage_model(cfg: Config, plan: Plan, run_dir: Path, which: str, log: Any = print) -> Any:
+    """The base, SFT or DPO model as the run folder holds it (adapters merged in order)."""
+    model = load_model(cfg, plan, log=log)
+    chain = {"base": [], "sft": ["sft"], "dpo": ["sft", "dpo"]}[which]
+    for stage in chain:
+        if stage == "sft" and not cfg.sft.enabled:
+            continue
+        adapter = run_dir / stage / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: no adapter; run `tunepipe train CONFIG --stage {stage}` first")
+        model = merge_adapter(model, adapter)
+    return model
