@@ -1,0 +1,158 @@
+"""The `tunepipe` command: parse, call, print, exit code.
+
+Exit codes: 0 done · 1 unexpected error · 2 bad config or data · 3 a stage gate failed ·
+75 stopped early (time budget or signal) with a complete checkpoint saved.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError, load_config
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE, EXIT_STOPPED = 0, 1, 2, 3, 75
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help=(
+        "One YAML file, one command: data -> SFT -> DPO -> eval -> report.\n\n"
+        "Every config value can be overridden as section.key=value after the config path, e.g.\n"
+        "  tunepipe run tunepipe.yaml sft.learning_rate=1e-4 sft.max_steps=50\n\n"
+        "Exit codes: 0 done, 1 unexpected error, 2 bad config or data, 3 a stage gate failed, "
+        "75 stopped early with a checkpoint saved."
+    ),
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="the project config (tunepipe.yaml)", show_default=False)]
+Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides", show_default=False)]
+SmokeOpt = Annotated[bool, typer.Option("--smoke", help="tiny subset, few steps, same code path; "
+                                        "writes to <output_dir>-smoke")]
+
+
+def _echo(msg: str) -> None:
+    console.print(msg, markup=False)
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from .data.chat import TemplateError
+    from .data.prepare import DataError
+    from .quickstart.model import EmbeddedModelMissing
+
+    return ConfigError, DataError, TemplateError, EmbeddedModelMissing
+
+
+def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
+    from .stages import GateFailed
+
+    bad_input = _bad_input_types()
+    try:
+        cfg = load_config(config, overrides or [])
+        from .pipeline import run_dir_for, run_pipeline
+
+        run_pipeline(cfg, echo=_echo, **kw)  # type: ignore[arg-type]
+        run_dir = run_dir_for(cfg, bool(kw.get("smoke")))
+        report = run_dir / "report" / "report.md"
+        if report.is_file():
+            console.print(f"report: {report}", markup=False)
+    except bad_input as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except GateFailed as e:
+        err_console.print(f"gate failed: {e}", markup=False)
+        raise typer.Exit(EXIT_GATE) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted", markup=False)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        import traceback
+
+        tb = traceback.extract_tb(e.__traceback__)
+        where = next((f for f in reversed(tb) if "tunepipe" in f.filename), tb[-1] if tb else None)
+        err_console.print(f"unexpected error: {type(e).__name__}: {e}", markup=False)
+        if where:
+            err_console.print(f"  at {where.filename}:{where.lineno} in {where.name}", markup=False)
+        err_console.print("  the full traceback is in <output_dir>/logs/<stage>.log", markup=False)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    smoke: SmokeOpt = False,
+    from_stage: Annotated[str | None, typer.Option("--from", help="rerun from this stage on "
+                                                   "(data, sft, dpo, eval, report)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
+) -> None:
+    """Run the whole pipeline; stages already done with the same inputs are skipped."""
+    from .pipeline import ORDER
+
+    if from_stage and from_stage not in ORDER:
+        err_console.print(f"error: --from {from_stage!r}: choose one of {', '.join(ORDER)}")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _run(config, overrides, smoke=smoke, from_stage=from_stage, force=force)
+
+
+@app.command()
+def data(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
+    """Load, detect, convert, validate and tokenize the data; write data/ (splits, stats.json, rejects.jsonl)."""
+    _run(config, overrides, stages=["data"], smoke=smoke)
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    stage: Annotated[str, typer.Option("--stage", help="sft or dpo")],
+    overrides: Overrides = None,
+    smoke: SmokeOpt = False,
+) -> None:
+    """Run one training stage (the data stage, and sft before dpo, must be done)."""
+    if stage not in ("sft", "dpo"):
+        err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    _run(config, overrides, stages=[stage], smoke=smoke)
+
+
+@app.command("eval")
+def eval_(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
+    """Evaluate the base, SFT and DPO models; writes eval/metrics.json and eval/samples/."""
+    _run(config, overrides, stages=["eval"], smoke=smoke)
+
+
+@app.command()
+def report(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
+    """Write report/report.md and report/report.html with the metrics table and loss plots."""
+    _run(config, overrides, stages=["report"], smoke=smoke)
+
+
+@app.command("quickstart-data")
+def quickstart_data(
+    out: Annotated[Path, typer.Argument(help="folder for the generated JSONL files")],
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Generate the quickstart skills data (SFT conversations, preference pairs, held-out sets)."""
+    from .quickstart.skills import write_skills_data
+
+    for split, path in write_skills_data(out, seed).items():
+        console.print(f"{split:10s} {path}", markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Stage order, the state file (pipeline.json), input fingerprints, gates and skipping.
+
+A stage is up to date when its stage.json says done and its fingerprint is unchanged. The fingerprint
+covers the config keys the stage reads, its input files, the code version and the fingerprints of
+the stages it reads from. When a stage runs, every later stage is marked stale.
+
+Checking fingerprints imports neither torch nor transformers, so a run with nothing to do is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import platform
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .config import Config, dump_resolved
+from .data.sources import SourceError, expand
+from .stages import GateFailed, StageContext, StageResult, write_stage_json
+
+MODEL_KEYS = ["model.name_or_path", "model.revision", "model.chat_template", "model.enable_thinking",
+              "model.trust_remote_code"]
+TRAIN_MODEL_KEYS = [*MODEL_KEYS, "model.attn_implementation", "model.dtype", "model.load_in_4bit"]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str
+    keys: list[str]  # dotted config keys (or whole sections) the stage reads
+    upstream: list[str]
+    stage_dir: str
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec("data", "tunepipe.stages.data", [*MODEL_KEYS, "data", "sft.enabled", "dpo.enabled"], [], "data"),
+        StageSpec("sft", "tunepipe.stages.sft", [*TRAIN_MODEL_KEYS, "training", "sft", "data.max_length"],
+                  ["data"], "sft"),
+        StageSpec("dpo", "tunepipe.stages.dpo", [*TRAIN_MODEL_KEYS, "training", "dpo", "data.max_length"],
+                  ["data", "sft"], "dpo"),
+        StageSpec("eval", "tunepipe.stages.eval", [*TRAIN_MODEL_KEYS, "eval", "sft.enabled", "dpo.enabled"],
+                  ["data", "sft", "dpo"], "eval"),
+        StageSpec("report", "tunepipe.stages.report", ["project", "report", "model.name_or_path"],
+                  ["data", "sft", "dpo", "eval"], "report"),
+    ]
+}
+ORDER = list(STAGES)
+
+
+def run_dir_for(cfg: Config, smoke: bool) -> Path:
+    """Smoke runs go to a sibling folder so they never touch a real run's state."""
+    out = cfg.output_dir
+    return out.with_name(out.name + "-smoke") if smoke else out
+
+
+def enabled(cfg: Config, name: str) -> bool:
+    if name in ("sft", "dpo"):
+        return getattr(cfg, name).enabled
+    return True
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_FILE_HASH_LIMIT = 64 << 20
+
+
+def file_fingerprint(path: Path) -> str:
+    """Content hash for files up to 64 MiB; size + mtime beyond (hashing GBs on every run is too slow)."""
+    st = path.stat()
+    if st.st_size <= _FILE_HASH_LIMIT:
+        return _sha(path.read_bytes())
+    return f"size={st.st_size},mtime={st.st_mtime_ns}"
+
+
+def code_version() -> str:
+    """tunepipe's version plus a hash of its source, so a code change reruns what it may affect."""
+    from . import __version__
+
+    root = Path(__file__).parent
+    h = hashlib.sha256(__version__.encode())
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def _get(cfg_dump: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg_dump
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _input_files(cfg: Config, name: str) -> dict[str, str]:
+    files: dict[str, str] = {}
+    if name == "data":
+        for stage in ("sft", "dpo"):
+            sd = getattr(cfg.data, stage)
+            for src in [*sd.train, *sd.eval]:
+                try:
+                    for f in expand(cfg.path(src.path)):
+                        files[str(f)] = file_fingerprint(f)
+                except SourceError:
+                    files[src.path] = "missing"  # the data stage reports it properly
+        if cfg.model.chat_template and cfg.path(cfg.model.chat_template).is_file():
+            p = cfg.path(cfg.model.chat_template)
+            files[str(p)] = file_fingerprint(p)
+    return files
+
+
+def _model_files(cfg: Config) -> str:
+    """A local model folder is fingerprinted by its config and weight file sizes/mtimes."""
+    p = cfg.path(cfg.model.name_or_path)
+    if not p.is_dir():
+        return cfg.model.name_or_path
+    parts = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(p.iterdir()) if f.is_file()]
+    return _sha("\n".join(parts).encode())
+
+
+def fingerprint(cfg: Config, name: str, upstream: dict[str, str], smoke: bool, code: str) -> str:
+    dump = cfg.model_dump(mode="json")
+    spec = STAGES[name]
+    payload = {
+        "stage": name,
+        "config": {k: _get(dump, k) for k in spec.keys},
+        "files": _input_files(cfg, name),
+        "model": _model_files(cfg),
+        "upstream": {u: upstream.get(u) for u in spec.upstream},
+        "smoke": smoke,
+        "code": code,
+    }
+    return _sha(json.dumps(payload, sort_keys=True, default=str).encode())
+
+
+# --------------------------------------------------------------------------- state
+
+
+class State:
+    """pipeline.json: one record per stage {status, fingerprint, started_at, seconds, gates, summary}."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "pipeline.json"
+        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data.setdefault("stages", {})
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.data["stages"].get(name, {})
+
+    def set(self, name: str, **fields: Any) -> None:
+        self.data["stages"][name] = {**self.stage(name), **fields}
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+
+def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
+    rec = state.stage(name)
+    sj = run_dir / STAGES[name].stage_dir / "stage.json"
+    if rec.get("status") != "done" or rec.get("fingerprint") != fp or not sj.is_file():
+        return False
+    return json.loads(sj.read_text()).get("status") == "done"
+
+
+def write_env(run_dir: Path) -> None:
+    pkgs = {}
+    for p in ("tunepipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
+              "deepspeed", "flash-attn", "liger-kernel"):
+        try:
+            pkgs[p] = version(p)
+        except PackageNotFoundError:
+            pkgs[p] = None
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "cpu_count": os.cpu_count(), "packages": pkgs}
+    import torch
+
+    from .modeling import cpu_supports_bf16
+
+    env["cuda"] = torch.cuda.is_available()
+    env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env["cpu_bf16"] = cpu_supports_bf16()
+    env["torch_threads"] = torch.get_num_threads()
+    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+
+
+# --------------------------------------------------------------------------- running
+
+
+class StageLog:
+    """Console + logs/<stage>.log."""
+
+    def __init__(self, run_dir: Path, echo: Callable[[str], None]):
+        self.dir = run_dir / "logs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.echo = echo
+        self.file: Any = None
+
+    def open(self, stage: str) -> None:
+        self.close()
+        self.file = (self.dir / f"{stage}.log").open("a", encoding="utf-8")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+
+    def __call__(self, msg: str) -> None:
+        self.echo(msg)
+        if self.file:
+            self.file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            self.file.flush()
+
+
+def run_pipeline(cfg: Config, *, stages: list[str] | None = None, smoke: bool = False,
+                 from_stage: str | None = None, force: bool = False,
+                 echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Run `stages` (default: all, skipping the up-to-date ones). Returns {stage: outcome}.
+
+    Explicitly named stages always run; upstream stages they need must be done already.
+    Raises GateFailed when a gate fails; other errors propagate after the state is recorded.
+    """
+    run_dir = run_dir_for(cfg, smoke)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.resolved.yaml").write_text(dump_resolved(cfg))
+    state = State(run_dir)
+    state.data["config"] = cfg.source
+    log = StageLog(run_dir, echo)
+    code = code_version()
+    selected = stages or ORDER
+    if from_stage:
+        selected = ORDER[ORDER.index(from_stage):]
+    forced = set(stages or []) | (set(selected) if from_stage or force else set())
+
+    fps: dict[str, str] = {}
+    outcome: dict[str, str] = {}
+    env_written = False
+    for name in ORDER:
+        if not enabled(cfg, name):
+            state.set(name, status="disabled")
+            outcome[name] = "disabled"
+            continue
+        fp = fingerprint(cfg, name, fps, smoke, code)
+        fps[name] = fp
+        up_to_date = is_up_to_date(run_dir, state, name, fp)
+        if name not in selected:
+            continue
+        if up_to_date and name not in forced:
+            echo(f"[{name}] skipped (up to date)")
+            outcome[name] = "skipped"
+            continue
+        for u in STAGES[name].upstream:
+            if enabled(cfg, u) and not is_up_to_date(run_dir, state, u, fps[u]) and u not in selected:
+                raise GateFailed(f"[{name}] needs stage '{u}' to be done and up to date first: "
+                                 f"run `tunepipe run {cfg.source}` (or the '{u}' stage)")
+        if not env_written:
+            write_env(run_dir)
+            env_written = True
+        outcome[name] = _run_stage(cfg, name, fp, run_dir, state, log, smoke)
+    log.close()
+    return outcome
+
+
+def _run_stage(cfg: Config, name: str, fp: str, run_dir: Path, state: State, log: StageLog, smoke: bool) -> str:
+    spec = STAGES[name]
+    log.open(name)
+    log(f"[{name}] running" + (" (smoke)" if smoke else ""))
+    started = time.time()
+    # Everything after this stage depends on its outputs: mark it stale before touching anything.
+    for later in ORDER[ORDER.index(name) + 1 :]:
+        if state.stage(later).get("status") == "done":
+            state.set(later, status="stale")
+    state.set(name, status="running", fingerprint=None, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    stage_dir = run_dir / spec.stage_dir
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    (stage_dir / "stage.json").unlink(missing_ok=True)
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, smoke=smoke, log=log)
+    try:
+        module = importlib.import_module(spec.module)
+        result: StageResult = module.run(ctx)
+    except BaseException as e:
+        state.set(name, status="failed", seconds=round(time.time() - started, 1),
+                  error=f"{type(e).__name__}: {e}"[:2000])
+        if log.file:
+            log.file.write(traceback.format_exc())
+        log.close()
+        raise
+    bad = result.failed_gates()
+    status = "failed" if bad else "done"
+    write_stage_json(stage_dir, name, result, started, status)
+    seconds = round(time.time() - started, 1)
+    state.set(name, status=status, fingerprint=fp if not bad else None, seconds=seconds,
+              summary=result.summary, gates=[g.__dict__ for g in result.gates], error=None)
+    for g in result.gates:
+        log(f"[{name}] gate {g.name}: {'passed' if g.passed else 'FAILED'} ({g.detail})")
+    log(f"[{name}] {status} in {seconds:.0f} s: {result.summary}")
+    if bad:
+        log.close()
+        raise GateFailed(f"[{name}] gate failed: " + "; ".join(f"{g.name}: {g.detail}" for g in bad))
+    return "done"

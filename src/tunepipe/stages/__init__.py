@@ -1,0 +1,67 @@
+"""Pipeline stages. Each module exposes `run(ctx) -> StageResult`; they hand off only through the
+run folder (DESIGN §3), so any stage can be rerun, resumed or tested on its own."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+
+
+class GateFailed(Exception):
+    """A stage ran but its gate did not pass (exit code 3)."""
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class StageResult:
+    summary: str
+    gates: list[Gate] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def failed_gates(self) -> list[Gate]:
+        return [g for g in self.gates if not g.passed]
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    run_dir: Path
+    smoke: bool = False
+    log: Callable[[str], None] = print
+
+    def stage_dir(self, name: str) -> Path:
+        d = self.run_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run_dir / "data"
+
+
+def write_stage_json(stage_dir: Path, name: str, result: StageResult, started: float, status: str) -> None:
+    """stage.json is written last, atomically: a stage without it (or with status != done) is not done."""
+    payload = {
+        "stage": name,
+        "status": status,
+        "summary": result.summary,
+        "gates": [asdict(g) for g in result.gates],
+        "outputs": result.outputs,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    tmp = stage_dir / ".stage.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(stage_dir / "stage.json")

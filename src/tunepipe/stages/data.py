@@ -1,0 +1,31 @@
+"""Stage `data`: load, detect, convert, validate and tokenize; write the prepared splits and statistics.
+
+Gate: the training splits load and hold at least one row.
+"""
+
+from __future__ import annotations
+
+from ..data.prepare import prepare, write_prepared
+from ..modeling import load_tokenizer
+from . import Gate, StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    tok = load_tokenizer(ctx.cfg, log=ctx.log)
+    prep = prepare(ctx.cfg, tok, smoke=ctx.smoke, log=ctx.log)
+    stats = write_prepared(prep, ctx.stage_dir("data"))
+    for s in stats["sources"]:
+        ctx.log(f"  {s['stage']}/{s['split']:5s} {s['file']}  format={s['format']}  "
+                f"in={s['rows_in']} accepted={s['rows_accepted']} rejected={s['rows_rejected']}")
+    for r in prep.rejects[:5]:
+        ctx.log(f"  rejected {r['file']}:{r['line']}: {r['reason']}")
+    if len(prep.rejects) > 5:
+        ctx.log(f"  ... {len(prep.rejects) - 5} more in data/rejects.jsonl")
+    sizes = {name: sp["rows"] for name, sp in stats["splits"].items()}
+    gates = [Gate("data_loads", all(n > 0 for k, n in sizes.items() if k.endswith("_train")),
+                  ", ".join(f"{k}={n}" for k, n in sizes.items()))]
+    return StageResult(
+        summary=", ".join(f"{k} {n} rows" for k, n in sizes.items()) + f"; {len(prep.rejects)} rejected",
+        gates=gates,
+        outputs={"splits": sizes, "rejected": len(prep.rejects)},
+    )

@@ -1,0 +1,55 @@
+"""Stage `dpo`: direct preference optimisation with TRL's DPOTrainer, starting from the SFT result.
+
+The SFT adapter is merged into the base weights and a fresh LoRA adapter is trained on top; with the
+adapter disabled the same network is the SFT model, which is the reference policy (no second copy).
+Writes `dpo/adapter/`, `dpo/log.jsonl`. Gate: training started, loss finite and falling.
+"""
+
+from __future__ import annotations
+
+from .. import compat
+from ..data.prepare import read_split
+from ..guards import JsonlLogCallback, NonFiniteLossGuard
+from ..modeling import load_stage_model, load_tokenizer, lora_config, plan_for
+from ..training import loss_gate, read_log, save_adapter, trainer_args
+from . import StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    cfg, out = ctx.cfg, ctx.stage_dir("dpo")
+    rows = read_split(ctx.data_dir, "dpo_train")
+    train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+    plan = plan_for(cfg.model)
+    ctx.log(f"dpo: {len(rows)} pairs; {plan.reason}; attention: {plan.attn_reason}")
+    tok = load_tokenizer(cfg, log=ctx.log)
+    model = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log)
+
+    d = cfg.dpo
+    args = compat.build(
+        DPOConfig, log=ctx.log, beta=d.beta, loss_type=[d.loss_type],
+        **trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke),
+    )
+    guard = NonFiniteLossGuard()
+    trainer = compat.build(
+        DPOTrainer, log=ctx.log, model=model, ref_model=None, args=args, train_dataset=train,
+        processing_class=tok, peft_config=lora_config(d),
+        callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
+    )
+    result = trainer.train()
+    save_adapter(trainer.model, out / "adapter")
+
+    log_rows = read_log(out / "log.jsonl")
+    gates = loss_gate(log_rows, require_falling=not ctx.smoke)
+    losses = [r["loss"] for r in log_rows]
+    acc = [r["rewards/accuracies"] for r in log_rows if "rewards/accuracies" in r]
+    return StageResult(
+        summary=(f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                 + (f", reward accuracy (last) {acc[-1]:.2f}" if acc else "")) if losses else "no steps",
+        gates=gates,
+        outputs={"adapter": "dpo/adapter", "base": ["sft/adapter"], "steps": result.global_step,
+                 "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1)},
+    )

@@ -1,0 +1,50 @@
+"""Stage `sft`: supervised fine-tuning with TRL's SFTTrainer and a PEFT LoRA adapter.
+
+Reads the prepared `data/sft_train.jsonl` (input_ids + assistant-only labels) and writes
+`sft/adapter/`, `sft/log.jsonl`. Gate: training started, loss finite and falling.
+"""
+
+from __future__ import annotations
+
+from .. import compat
+from ..data.prepare import read_split
+from ..guards import JsonlLogCallback, NonFiniteLossGuard
+from ..modeling import load_model, load_tokenizer, lora_config, plan_for
+from ..training import loss_gate, read_log, save_adapter, trainer_args
+from . import StageContext, StageResult
+
+
+def run(ctx: StageContext) -> StageResult:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cfg, out = ctx.cfg, ctx.stage_dir("sft")
+    rows = read_split(ctx.data_dir, "sft_train")
+    # Only the tokenized columns: SFTTrainer sees input_ids and uses our labels as they are.
+    train = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+
+    plan = plan_for(cfg.model)
+    ctx.log(f"sft: {len(rows)} conversations; {plan.reason}; attention: {plan.attn_reason}")
+    tok = load_tokenizer(cfg, log=ctx.log)
+    model = load_model(cfg, plan, log=ctx.log)
+
+    args = compat.build(SFTConfig, log=ctx.log, packing=cfg.sft.packing,
+                        **trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke))
+    guard = NonFiniteLossGuard()
+    trainer = compat.build(
+        SFTTrainer, log=ctx.log, model=model, args=args, train_dataset=train, processing_class=tok,
+        peft_config=lora_config(cfg.sft), callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
+    )
+    result = trainer.train()
+    save_adapter(trainer.model, out / "adapter")
+
+    log_rows = read_log(out / "log.jsonl")
+    gates = loss_gate(log_rows, require_falling=not ctx.smoke)
+    losses = [r["loss"] for r in log_rows]
+    return StageResult(
+        summary=f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no steps",
+        gates=gates,
+        outputs={"adapter": "sft/adapter", "steps": result.global_step,
+                 "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+                 "train_tokens": sum(len(r["input_ids"]) for r in rows)},
+    )

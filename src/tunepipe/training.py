@@ -1,0 +1,92 @@
+"""What the SFT and DPO stages share: trainer arguments, callbacks, the loss gate, adapter saving."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .compat import warmup_kwargs
+from .config import Config, StageTrainingConfig
+from .modeling import Plan
+from .stages import Gate
+
+SMOKE_STEPS = 3
+
+
+def trainer_args(cfg: Config, stage: str, stage_dir: Path, plan: Plan, config_cls: type,
+                 smoke: bool) -> dict[str, Any]:
+    """Keyword arguments for TRL's SFTConfig / DPOConfig, from the stage section and the shared defaults."""
+    s: StageTrainingConfig = getattr(cfg, stage)
+    t = cfg.training
+    checkpointing = s.gradient_checkpointing
+    if checkpointing == "auto":
+        # Checkpointing trades ~30% compute for activation memory: worth it for SFT on a GPU; DPO's
+        # reference pass and LoRA under DDP interact badly with it, and on CPU memory is not the limit.
+        checkpointing = stage == "sft" and plan.device == "cuda"
+    batch, accum, max_steps = s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_steps
+    if smoke:
+        batch, accum, max_steps = min(batch, 2), 1, SMOKE_STEPS
+    return {
+        "output_dir": str(stage_dir / "checkpoints"),
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accum,
+        "learning_rate": s.learning_rate,
+        "num_train_epochs": s.num_train_epochs,
+        "max_steps": max_steps,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        **warmup_kwargs(config_cls, t.warmup_ratio),
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optim,
+        "logging_steps": 1 if smoke else t.logging_steps,
+        "save_strategy": "steps" if t.save_steps else "no",
+        "save_steps": t.save_steps or 500,
+        "save_total_limit": t.save_total_limit,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "report_to": "none",
+        "use_cpu": plan.device == "cpu",
+        "bf16": plan.bf16_autocast or (plan.device == "cuda" and plan.dtype == "bfloat16"),
+        "fp16": plan.device == "cuda" and plan.dtype == "float16",
+        "gradient_checkpointing": bool(checkpointing),
+        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "dataloader_num_workers": 0,
+        "max_length": cfg.data.max_length,
+        "disable_tqdm": False,
+    }
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
+    """Gate: training started, every logged loss is finite, and (outside smoke runs) it fell."""
+    losses = [r["loss"] for r in rows if "loss" in r]
+    gates = [Gate("training_started", bool(losses), f"{len(losses)} logged steps")]
+    if not losses:
+        return gates
+    finite = all(math.isfinite(x) for x in losses)
+    gates.append(Gate("loss_finite", finite, "all finite" if finite else "NaN/inf loss logged"))
+    if require_falling and finite:
+        k = max(1, len(losses) // 4)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        gates.append(Gate("loss_falling", last < first and len(losses) >= 2,
+                          f"mean of first {k} steps {first:.4f} -> last {k} steps {last:.4f}"))
+    return gates
+
+
+def save_adapter(model: Any, dest: Path) -> None:
+    """Write to a temp folder and rename, so an interrupted save never looks like a finished adapter."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
