@@ -34,9 +34,12 @@ app = typer.Typer(
 )
 
 ConfigArg = Annotated[Path, typer.Argument(help="the project config (tunepipe.yaml)", show_default=False)]
-Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides", show_default=False)]
-SmokeOpt = Annotated[bool, typer.Option("--smoke", help="tiny subset, few steps, same code path; "
-                                        "writes to <output_dir>-smoke")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="section.key=value overrides", show_default=False)
+]
+SmokeOpt = Annotated[
+    bool, typer.Option("--smoke", help="tiny subset, few steps, same code path; writes to <output_dir>-smoke")
+]
 
 
 def _echo(msg: str) -> None:
@@ -90,8 +93,9 @@ def run(
     config: ConfigArg,
     overrides: Overrides = None,
     smoke: SmokeOpt = False,
-    from_stage: Annotated[str | None, typer.Option("--from", help="rerun from this stage on "
-                                                   "(data, sft, dpo, eval, report)")] = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="rerun from this stage on (data, sft, dpo, eval, report)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
 ) -> None:
     """Run the whole pipeline; stages already done with the same inputs are skipped."""
@@ -105,7 +109,10 @@ def run(
 
 @app.command()
 def data(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
-    """Load, detect, convert, validate and tokenize the data; write data/ (splits, stats.json, rejects.jsonl)."""
+    """Load, detect, convert, validate and tokenize the data.
+
+    Writes data/: the prepared splits, stats.json and rejects.jsonl.
+    """
     _run(config, overrides, stages=["data"], smoke=smoke)
 
 

@@ -31,7 +31,9 @@ def accepted_names(target: Callable[..., Any] | type) -> set[str] | None:
     return set(sig.parameters)
 
 
-def adapt_kwargs(target: Callable[..., Any] | type, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def adapt_kwargs(
+    target: Callable[..., Any] | type, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
     """Keep what `target` accepts, rename what moved; returns (kwargs, names dropped)."""
     names = accepted_names(target)
     if names is None:

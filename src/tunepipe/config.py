@@ -33,7 +33,9 @@ class ProjectConfig(Section):
     output_dir: str = "runs/default"  # relative to the config file
 
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*$"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -258,11 +260,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     # YAML 1.1 reads '1e-4' as a string; users mean a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", value, re.I) else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d*\.?\d+(e[-+]?\d+)?", value, re.I):
+        value = float(value)
     return parts, value
 
 
@@ -312,9 +311,8 @@ def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> s
             hint = f"did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else ""
             where = ".".join(str(p) for p in loc[:-1]) or "top level"
             lines.append(
-                f"{source}: unknown key '{dotted}' {hint} (valid keys in {where}: {', '.join(valid)})".replace(
-                    "  ", " "
-                )
+                f"{source}: unknown key '{dotted}' {hint} "
+                f"(valid keys in {where}: {', '.join(valid)})".replace("  ", " ")
             )
         else:
             msg = e["msg"].removeprefix("Value error, ")

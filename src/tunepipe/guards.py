@@ -23,11 +23,16 @@ class JsonlLogCallback(TrainerCallback):
         self.path.write_text("")
         self.t0 = time.time()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-               "elapsed_s": round(time.time() - self.t0, 2)}
+        row = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "elapsed_s": round(time.time() - self.t0, 2),
+        }
         row.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -39,7 +44,9 @@ class NonFiniteLossGuard(TrainerCallback):
     def __init__(self) -> None:
         self.bad_step: int | None = None
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
         loss = (logs or {}).get("loss")
         if isinstance(loss, float) and not math.isfinite(loss) and self.bad_step is None:
             self.bad_step = state.global_step

@@ -54,7 +54,10 @@ def flash_attn_usable() -> tuple[bool, str]:
         flash_attn_func(q, q, q)
         return True, "flash-attn imports and runs"
     except Exception as e:  # ImportError, undefined symbol (ABI mismatch), unsupported GPU
-        return False, f"flash-attn not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        return (
+            False,
+            f"flash-attn not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+        )
 
 
 def resolve_attention(requested: str) -> tuple[str, str]:
@@ -77,8 +80,11 @@ def plan_for(model_cfg: ModelConfig) -> Plan:
     if model_cfg.dtype not in ("auto", "float32"):
         return Plan("cpu", attn, attn_reason, model_cfg.dtype, False, f"CPU: {model_cfg.dtype} as configured")
     autocast = cpu_supports_bf16()
-    why = "CPU with bf16 support: fp32 weights, bf16 autocast" if autocast else (
-        "CPU without AMX/avx512_bf16: fp32 (bf16 would be slower here)")
+    why = (
+        "CPU with bf16 support: fp32 weights, bf16 autocast"
+        if autocast
+        else ("CPU without AMX/avx512_bf16: fp32 (bf16 would be slower here)")
+    )
     return Plan("cpu", attn, attn_reason, "float32", autocast, why)
 
 
@@ -122,7 +128,9 @@ def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = prin
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
         )
     if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in os.environ):
@@ -136,8 +144,12 @@ def lora_config(stage_cfg: StageTrainingConfig) -> Any:
 
     lc = stage_cfg.lora
     return LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-        bias="none", task_type="CAUSAL_LM",
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
     )
 
 
@@ -157,6 +169,8 @@ def load_stage_model(cfg: Config, plan: Plan, run_dir: Path, which: str, log: An
             continue
         adapter = run_dir / stage / "adapter"
         if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: no adapter; run `tunepipe train CONFIG --stage {stage}` first")
+            raise FileNotFoundError(
+                f"{adapter}: no adapter; run `tunepipe train CONFIG --stage {stage}` first"
+            )
         model = merge_adapter(model, adapter)
     return model

@@ -26,8 +26,13 @@ from .config import Config, dump_resolved
 from .data.sources import SourceError, expand
 from .stages import GateFailed, StageContext, StageResult, write_stage_json
 
-MODEL_KEYS = ["model.name_or_path", "model.revision", "model.chat_template", "model.enable_thinking",
-              "model.trust_remote_code"]
+MODEL_KEYS = [
+    "model.name_or_path",
+    "model.revision",
+    "model.chat_template",
+    "model.enable_thinking",
+    "model.trust_remote_code",
+]
 TRAIN_MODEL_KEYS = [*MODEL_KEYS, "model.attn_implementation", "model.dtype", "model.load_in_4bit"]
 
 
@@ -43,15 +48,37 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
-        StageSpec("data", "tunepipe.stages.data", [*MODEL_KEYS, "data", "sft.enabled", "dpo.enabled"], [], "data"),
-        StageSpec("sft", "tunepipe.stages.sft", [*TRAIN_MODEL_KEYS, "training", "sft", "data.max_length"],
-                  ["data"], "sft"),
-        StageSpec("dpo", "tunepipe.stages.dpo", [*TRAIN_MODEL_KEYS, "training", "dpo", "data.max_length"],
-                  ["data", "sft"], "dpo"),
-        StageSpec("eval", "tunepipe.stages.eval", [*TRAIN_MODEL_KEYS, "eval", "sft.enabled", "dpo.enabled"],
-                  ["data", "sft", "dpo"], "eval"),
-        StageSpec("report", "tunepipe.stages.report", ["project", "report", "model.name_or_path"],
-                  ["data", "sft", "dpo", "eval"], "report"),
+        StageSpec(
+            "data", "tunepipe.stages.data", [*MODEL_KEYS, "data", "sft.enabled", "dpo.enabled"], [], "data"
+        ),
+        StageSpec(
+            "sft",
+            "tunepipe.stages.sft",
+            [*TRAIN_MODEL_KEYS, "training", "sft", "data.max_length"],
+            ["data"],
+            "sft",
+        ),
+        StageSpec(
+            "dpo",
+            "tunepipe.stages.dpo",
+            [*TRAIN_MODEL_KEYS, "training", "dpo", "data.max_length"],
+            ["data", "sft"],
+            "dpo",
+        ),
+        StageSpec(
+            "eval",
+            "tunepipe.stages.eval",
+            [*TRAIN_MODEL_KEYS, "eval", "sft.enabled", "dpo.enabled"],
+            ["data", "sft", "dpo"],
+            "eval",
+        ),
+        StageSpec(
+            "report",
+            "tunepipe.stages.report",
+            ["project", "report", "model.name_or_path"],
+            ["data", "sft", "dpo", "eval"],
+            "report",
+        ),
     ]
 }
 ORDER = list(STAGES)
@@ -128,7 +155,9 @@ def _model_files(cfg: Config) -> str:
     p = cfg.path(cfg.model.name_or_path)
     if not p.is_dir():
         return cfg.model.name_or_path
-    parts = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(p.iterdir()) if f.is_file()]
+    parts = [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(p.iterdir()) if f.is_file()
+    ]
     return _sha("\n".join(parts).encode())
 
 
@@ -182,14 +211,29 @@ def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
 
 def write_env(run_dir: Path) -> None:
     pkgs = {}
-    for p in ("tunepipe", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
-              "deepspeed", "flash-attn", "liger-kernel"):
+    for p in (
+        "tunepipe",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "datasets",
+        "accelerate",
+        "bitsandbytes",
+        "deepspeed",
+        "flash-attn",
+        "liger-kernel",
+    ):
         try:
             pkgs[p] = version(p)
         except PackageNotFoundError:
             pkgs[p] = None
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "cpu_count": os.cpu_count(), "packages": pkgs}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "packages": pkgs,
+    }
     import torch
 
     from .modeling import cpu_supports_bf16
@@ -229,9 +273,15 @@ class StageLog:
             self.file.flush()
 
 
-def run_pipeline(cfg: Config, *, stages: list[str] | None = None, smoke: bool = False,
-                 from_stage: str | None = None, force: bool = False,
-                 echo: Callable[[str], None] = print) -> dict[str, str]:
+def run_pipeline(
+    cfg: Config,
+    *,
+    stages: list[str] | None = None,
+    smoke: bool = False,
+    from_stage: str | None = None,
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, str]:
     """Run `stages` (default: all, skipping the up-to-date ones). Returns {stage: outcome}.
 
     Explicitly named stages always run; upstream stages they need must be done already.
@@ -246,7 +296,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None, smoke: bool = 
     code = code_version()
     selected = stages or ORDER
     if from_stage:
-        selected = ORDER[ORDER.index(from_stage):]
+        selected = ORDER[ORDER.index(from_stage) :]
     forced = set(stages or []) | (set(selected) if from_stage or force else set())
 
     fps: dict[str, str] = {}
@@ -268,8 +318,10 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None, smoke: bool = 
             continue
         for u in STAGES[name].upstream:
             if enabled(cfg, u) and not is_up_to_date(run_dir, state, u, fps[u]) and u not in selected:
-                raise GateFailed(f"[{name}] needs stage '{u}' to be done and up to date first: "
-                                 f"run `tunepipe run {cfg.source}` (or the '{u}' stage)")
+                raise GateFailed(
+                    f"[{name}] needs stage '{u}' to be done and up to date first: "
+                    f"run `tunepipe run {cfg.source}` (or the '{u}' stage)"
+                )
         if not env_written:
             write_env(run_dir)
             env_written = True
@@ -278,7 +330,9 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None, smoke: bool = 
     return outcome
 
 
-def _run_stage(cfg: Config, name: str, fp: str, run_dir: Path, state: State, log: StageLog, smoke: bool) -> str:
+def _run_stage(
+    cfg: Config, name: str, fp: str, run_dir: Path, state: State, log: StageLog, smoke: bool
+) -> str:
     spec = STAGES[name]
     log.open(name)
     log(f"[{name}] running" + (" (smoke)" if smoke else ""))
@@ -296,8 +350,12 @@ def _run_stage(cfg: Config, name: str, fp: str, run_dir: Path, state: State, log
         module = importlib.import_module(spec.module)
         result: StageResult = module.run(ctx)
     except BaseException as e:
-        state.set(name, status="failed", seconds=round(time.time() - started, 1),
-                  error=f"{type(e).__name__}: {e}"[:2000])
+        state.set(
+            name,
+            status="failed",
+            seconds=round(time.time() - started, 1),
+            error=f"{type(e).__name__}: {e}"[:2000],
+        )
         if log.file:
             log.file.write(traceback.format_exc())
         log.close()
@@ -306,8 +364,15 @@ def _run_stage(cfg: Config, name: str, fp: str, run_dir: Path, state: State, log
     status = "failed" if bad else "done"
     write_stage_json(stage_dir, name, result, started, status)
     seconds = round(time.time() - started, 1)
-    state.set(name, status=status, fingerprint=fp if not bad else None, seconds=seconds,
-              summary=result.summary, gates=[g.__dict__ for g in result.gates], error=None)
+    state.set(
+        name,
+        status=status,
+        fingerprint=fp if not bad else None,
+        seconds=seconds,
+        summary=result.summary,
+        gates=[g.__dict__ for g in result.gates],
+        error=None,
+    )
     for g in result.gates:
         log(f"[{name}] gate {g.name}: {'passed' if g.passed else 'FAILED'} ({g.detail})")
     log(f"[{name}] {status} in {seconds:.0f} s: {result.summary}")

@@ -16,8 +16,9 @@ from .stages import Gate
 SMOKE_STEPS = 3
 
 
-def trainer_args(cfg: Config, stage: str, stage_dir: Path, plan: Plan, config_cls: type,
-                 smoke: bool) -> dict[str, Any]:
+def trainer_args(
+    cfg: Config, stage: str, stage_dir: Path, plan: Plan, config_cls: type, smoke: bool
+) -> dict[str, Any]:
     """Keyword arguments for TRL's SFTConfig / DPOConfig, from the stage section and the shared defaults."""
     s: StageTrainingConfig = getattr(cfg, stage)
     t = cfg.training
@@ -76,8 +77,13 @@ def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
     if require_falling and finite:
         k = max(1, len(losses) // 4)
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        gates.append(Gate("loss_falling", last < first and len(losses) >= 2,
-                          f"mean of first {k} steps {first:.4f} -> last {k} steps {last:.4f}"))
+        gates.append(
+            Gate(
+                "loss_falling",
+                last < first and len(losses) >= 2,
+                f"mean of first {k} steps {first:.4f} -> last {k} steps {last:.4f}",
+            )
+        )
     return gates
 
 
@@ -89,4 +95,3 @@ def save_adapter(model: Any, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
-

@@ -23,19 +23,28 @@ def template_kwargs(enable_thinking: bool | None) -> dict[str, Any]:
     return {} if enable_thinking is None else {"enable_thinking": enable_thinking}
 
 
-def render(tokenizer: Any, messages: Conversation, *, add_generation_prompt: bool = False,
-           enable_thinking: bool | None = None) -> str:
+def render(
+    tokenizer: Any,
+    messages: Conversation,
+    *,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool | None = None,
+) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "the tokenizer has no chat template; set `model.chat_template` to a .jinja file or template text"
         )
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_kwargs(enable_thinking)
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **template_kwargs(enable_thinking),
     )
 
 
-def assistant_spans(tokenizer: Any, messages: Conversation, *, train_on: str = "all",
-                    enable_thinking: bool | None = None) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: Conversation, *, train_on: str = "all", enable_thinking: bool | None = None
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered text and the character spans of the trained assistant turns."""
     full = render(tokenizer, messages, enable_thinking=enable_thinking)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -43,13 +52,17 @@ def assistant_spans(tokenizer: Any, messages: Conversation, *, train_on: str = "
         turns = turns[-1:]
     spans = []
     for i in turns:
-        before = render(tokenizer, messages[:i], add_generation_prompt=True, enable_thinking=enable_thinking) \
-            if i > 0 else ""
+        before = (
+            render(tokenizer, messages[:i], add_generation_prompt=True, enable_thinking=enable_thinking)
+            if i > 0
+            else ""
+        )
         upto = render(tokenizer, messages[: i + 1], enable_thinking=enable_thinking)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise TemplateError(
                 "the chat template renders earlier turns differently once later turns are added, so the "
-                f"assistant turn {i} cannot be located; use `data.train_on: last` or set `model.chat_template`"
+                f"assistant turn {i} cannot be located; use `data.train_on: last` "
+                "or set `model.chat_template`"
             )
         # Trailing whitespace after the end-of-turn token is formatting, not something to learn.
         end = len(upto.rstrip())
@@ -58,8 +71,9 @@ def assistant_spans(tokenizer: Any, messages: Conversation, *, train_on: str = "
     return full, spans
 
 
-def tokenize_conversation(tokenizer: Any, messages: Conversation, *, train_on: str = "all",
-                          enable_thinking: bool | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(
+    tokenizer: Any, messages: Conversation, *, train_on: str = "all", enable_thinking: bool | None = None
+) -> tuple[list[int], list[int]]:
     """input_ids and labels, with labels = IGNORE_INDEX everywhere except assistant replies."""
     text, spans = assistant_spans(tokenizer, messages, train_on=train_on, enable_thinking=enable_thinking)
     # The template already holds the special tokens (BOS, turn markers); don't add them twice.

@@ -14,8 +14,16 @@ Message = dict[str, str]
 Conversation = list[Message]
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "function": "tool", "observation": "tool", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function": "tool",
+    "observation": "tool",
+    "tool": "tool",
+}
 
 SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")
 PREFERENCE_FORMATS = ("preference",)
@@ -100,14 +108,16 @@ def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -
             role = SHAREGPT_ROLES.get(str(t.get("from")))
             if role is None:
                 raise RowError(
-                    f"{key}[{i}].from: unknown role {t.get('from')!r} (expected one of {', '.join(SHAREGPT_ROLES)})"
+                    f"{key}[{i}].from: unknown role {t.get('from')!r} "
+                    f"(expected one of {', '.join(SHAREGPT_ROLES)})"
                 )
             conv.append({"role": role, "content": t.get("value")})
         conv = _check_messages(conv, key)
     elif fmt == "prompt_completion":
         conv = _as_messages(_field(record, "prompt", columns), columns.get("prompt", "prompt"), "user")
-        conv += _as_messages(_field(record, "completion", columns), columns.get("completion", "completion"),
-                             "assistant")
+        conv += _as_messages(
+            _field(record, "completion", columns), columns.get("completion", "completion"), "assistant"
+        )
     elif fmt == "alpaca":
         instruction = _field(record, "instruction", columns)
         extra = _field(record, "input", columns, required=False)
@@ -120,7 +130,9 @@ def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -
         conv += [{"role": "user", "content": prompt}]
         conv += _as_messages(output, columns.get("output", "output"), "assistant")
     else:
-        raise RowError(f"format {fmt!r} is not a conversation format (expected one of {', '.join(SFT_FORMATS)})")
+        raise RowError(
+            f"format {fmt!r} is not a conversation format (expected one of {', '.join(SFT_FORMATS)})"
+        )
     if not any(m["role"] == "assistant" for m in conv):
         raise RowError("no assistant turn: nothing to train on")
     return conv
@@ -128,10 +140,14 @@ def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -
 
 def to_preference(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, Conversation]:
     if fmt != "preference":
-        raise RowError(f"format {fmt!r} is not a preference format: DPO data needs prompt, chosen and rejected")
+        raise RowError(
+            f"format {fmt!r} is not a preference format: DPO data needs prompt, chosen and rejected"
+        )
     prompt = _as_messages(_field(record, "prompt", columns), columns.get("prompt", "prompt"), "user")
     chosen = _as_messages(_field(record, "chosen", columns), columns.get("chosen", "chosen"), "assistant")
-    rejected = _as_messages(_field(record, "rejected", columns), columns.get("rejected", "rejected"), "assistant")
+    rejected = _as_messages(
+        _field(record, "rejected", columns), columns.get("rejected", "rejected"), "assistant"
+    )
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if not any(m["role"] == "assistant" for m in msgs):
             raise RowError(f"{columns.get(name, name)}: no assistant message")

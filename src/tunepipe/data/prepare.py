@@ -76,7 +76,9 @@ class _Preparer:
             return ids, labels, True
         msg = f"too long: {len(ids)} tokens > data.max_length {limit}"
         if policy == "error":
-            raise DataError(f"{msg} (data.truncation: error). Raise max_length or use truncation: drop|truncate")
+            raise DataError(
+                f"{msg} (data.truncation: error). Raise max_length or use truncation: drop|truncate"
+            )
         raise RowError(msg + " (data.truncation: drop)")
 
     def _convert(self, stage: str, rec: dict[str, Any], src: DataSource) -> tuple[dict[str, Any], int, bool]:
@@ -87,8 +89,9 @@ class _Preparer:
             pair = to_preference(rec, fmt, src.columns)
             lengths, cut = [], False
             for side in ("chosen", "rejected"):
-                ids, labels = tokenize_conversation(self.tok, pair["prompt"] + pair[side], train_on="last",
-                                                    enable_thinking=think)
+                ids, labels = tokenize_conversation(
+                    self.tok, pair["prompt"] + pair[side], train_on="last", enable_thinking=think
+                )
                 ids, labels, c = self._fit(ids, labels)
                 lengths.append(len(ids))
                 cut |= c
@@ -119,13 +122,26 @@ class _Preparer:
                         taken.append(self._convert(stage, row.record, src))
                         accepted += 1
                     except (RowError, TemplateError) as e:
-                        self.rejects.append({"file": str(file), "line": row.line, "reason": str(e),
-                                             "stage": stage, "split": split})
-                self.sources.append({
-                    "stage": stage, "split": split, "file": str(file),
-                    "format": ",".join(sorted(fmt_seen)) or "unknown",
-                    "rows_in": rows_in, "rows_accepted": accepted, "rows_rejected": rows_in - accepted,
-                })
+                        self.rejects.append(
+                            {
+                                "file": str(file),
+                                "line": row.line,
+                                "reason": str(e),
+                                "stage": stage,
+                                "split": split,
+                            }
+                        )
+                self.sources.append(
+                    {
+                        "stage": stage,
+                        "split": split,
+                        "file": str(file),
+                        "format": ",".join(sorted(fmt_seen)) or "unknown",
+                        "rows_in": rows_in,
+                        "rows_accepted": accepted,
+                        "rows_rejected": rows_in - accepted,
+                    }
+                )
                 for rec, n, cut in self._weighted(taken, src.weight):
                     out.rows.append(rec)
                     out.lengths.append(n)

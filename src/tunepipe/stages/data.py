@@ -15,15 +15,22 @@ def run(ctx: StageContext) -> StageResult:
     prep = prepare(ctx.cfg, tok, smoke=ctx.smoke, log=ctx.log)
     stats = write_prepared(prep, ctx.stage_dir("data"))
     for s in stats["sources"]:
-        ctx.log(f"  {s['stage']}/{s['split']:5s} {s['file']}  format={s['format']}  "
-                f"in={s['rows_in']} accepted={s['rows_accepted']} rejected={s['rows_rejected']}")
+        ctx.log(
+            f"  {s['stage']}/{s['split']:5s} {s['file']}  format={s['format']}  "
+            f"in={s['rows_in']} accepted={s['rows_accepted']} rejected={s['rows_rejected']}"
+        )
     for r in prep.rejects[:5]:
         ctx.log(f"  rejected {r['file']}:{r['line']}: {r['reason']}")
     if len(prep.rejects) > 5:
         ctx.log(f"  ... {len(prep.rejects) - 5} more in data/rejects.jsonl")
     sizes = {name: sp["rows"] for name, sp in stats["splits"].items()}
-    gates = [Gate("data_loads", all(n > 0 for k, n in sizes.items() if k.endswith("_train")),
-                  ", ".join(f"{k}={n}" for k, n in sizes.items()))]
+    gates = [
+        Gate(
+            "data_loads",
+            all(n > 0 for k, n in sizes.items() if k.endswith("_train")),
+            ", ".join(f"{k}={n}" for k, n in sizes.items()),
+        )
+    ]
     return StageResult(
         summary=", ".join(f"{k} {n} rows" for k, n in sizes.items()) + f"; {len(prep.rejects)} rejected",
         gates=gates,

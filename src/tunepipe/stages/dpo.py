@@ -30,13 +30,22 @@ def run(ctx: StageContext) -> StageResult:
 
     d = cfg.dpo
     args = compat.build(
-        DPOConfig, log=ctx.log, beta=d.beta, loss_type=[d.loss_type],
+        DPOConfig,
+        log=ctx.log,
+        beta=d.beta,
+        loss_type=[d.loss_type],
         **trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke),
     )
     guard = NonFiniteLossGuard()
     trainer = compat.build(
-        DPOTrainer, log=ctx.log, model=model, ref_model=None, args=args, train_dataset=train,
-        processing_class=tok, peft_config=lora_config(d),
+        DPOTrainer,
+        log=ctx.log,
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        peft_config=lora_config(d),
         callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
     )
     result = trainer.train()
@@ -47,9 +56,17 @@ def run(ctx: StageContext) -> StageResult:
     losses = [r["loss"] for r in log_rows]
     acc = [r["rewards/accuracies"] for r in log_rows if "rewards/accuracies" in r]
     return StageResult(
-        summary=(f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-                 + (f", reward accuracy (last) {acc[-1]:.2f}" if acc else "")) if losses else "no steps",
+        summary=(
+            f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            + (f", reward accuracy (last) {acc[-1]:.2f}" if acc else "")
+        )
+        if losses
+        else "no steps",
         gates=gates,
-        outputs={"adapter": "dpo/adapter", "base": ["sft/adapter"], "steps": result.global_step,
-                 "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1)},
+        outputs={
+            "adapter": "dpo/adapter",
+            "base": ["sft/adapter"],
+            "steps": result.global_step,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+        },
     )

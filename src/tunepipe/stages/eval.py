@@ -28,8 +28,16 @@ def run(ctx: StageContext) -> StageResult:
     sets = {name: read_split(ctx.data_dir, name)[:limit] for name in e.sets}
     sets = {k: v for k, v in sets.items() if v}
     if not sets:
-        return StageResult("no eval data", [Gate("metrics_written", False,
-                           "no held-out rows: set data.sft.eval / data.dpo.eval or eval_split")])
+        return StageResult(
+            "no eval data",
+            [
+                Gate(
+                    "metrics_written",
+                    False,
+                    "no held-out rows: set data.sft.eval / data.dpo.eval or eval_split",
+                )
+            ],
+        )
 
     plan = plan_for(cfg.model)
     tok = load_tokenizer(cfg, log=ctx.log)
@@ -62,8 +70,10 @@ def run(ctx: StageContext) -> StageResult:
     tmp.replace(out / "metrics.json")
     finite = all(math.isfinite(v) for s in metrics.values() for mm in s.values() for v in mm.values())
     return StageResult(
-        summary="; ".join(f"{w}: " + ", ".join(f"{k}={v}" for mm in s.values() for k, v in mm.items() if k != "n")
-                          for w, s in metrics.items()),
+        summary="; ".join(
+            f"{w}: " + ", ".join(f"{k}={v}" for mm in s.values() for k, v in mm.items() if k != "n")
+            for w, s in metrics.items()
+        ),
         gates=[Gate("metrics_written", finite, "eval/metrics.json" if finite else "non-finite metric")],
         outputs={"metrics": "eval/metrics.json"},
     )

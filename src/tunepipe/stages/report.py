@@ -76,12 +76,17 @@ def run(ctx: StageContext) -> StageResult:
     md = [f"# {title}", ""]
     if ctx.cfg.project.goal:
         md += [f"Goal: {ctx.cfg.project.goal}", ""]
-    md += [f"Base model: `{ctx.cfg.model.name_or_path}`" + ("  (smoke run: tiny subset, few steps)" if ctx.smoke
-                                                             else ""), ""]
+    md += [
+        f"Base model: `{ctx.cfg.model.name_or_path}`"
+        + ("  (smoke run: tiny subset, few steps)" if ctx.smoke else ""),
+        "",
+    ]
     table = metrics_table(metrics) if metrics else []
     md += ["## Metrics", "", _markdown(table) if table else "_no metrics: the eval stage has not run_", ""]
-    md += ["exact_match and preference_accuracy: higher is better; loss (per assistant token): lower is better.",
-           ""]
+    md += [
+        "exact_match and preference_accuracy: higher is better; loss (per assistant token): lower is better.",
+        "",
+    ]
 
     md += ["## Training", ""]
     plots = []
@@ -89,16 +94,27 @@ def run(ctx: StageContext) -> StageResult:
         stage_json = _read_json(ctx.run_dir / stage / "stage.json")
         if stage_json:
             md.append(f"- **{stage}**: {stage_json.get('summary', '')} ({stage_json.get('seconds', '?')} s)")
-        if ctx.cfg.report.plots and _plot_loss(read_log(ctx.run_dir / stage / "log.jsonl"),
-                                               f"{stage.upper()} training loss", out / f"{stage}_loss.png"):
+        if ctx.cfg.report.plots and _plot_loss(
+            read_log(ctx.run_dir / stage / "log.jsonl"),
+            f"{stage.upper()} training loss",
+            out / f"{stage}_loss.png",
+        ):
             plots.append(f"{stage}_loss.png")
     md.append("")
     md += [f"![{p}]({p})" for p in plots] + [""]
 
     if stats:
-        md += ["## Data", "", "| stage | split | file | format | in | accepted | rejected |", "|---|---|---|---|---|---|---|"]
-        md += [f"| {s['stage']} | {s['split']} | {Path(s['file']).name} | {s['format']} | {s['rows_in']} | "
-               f"{s['rows_accepted']} | {s['rows_rejected']} |" for s in stats.get("sources", [])]
+        md += [
+            "## Data",
+            "",
+            "| stage | split | file | format | in | accepted | rejected |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        md += [
+            f"| {s['stage']} | {s['split']} | {Path(s['file']).name} | {s['format']} | {s['rows_in']} | "
+            f"{s['rows_accepted']} | {s['rows_rejected']} |"
+            for s in stats.get("sources", [])
+        ]
         md.append("")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text(_html(title, table, out, plots, "\n".join(md)))
@@ -111,10 +127,13 @@ def run(ctx: StageContext) -> StageResult:
 
 def _html(title: str, table: list[list[str]], out: Path, plots: list[str], md: str) -> str:
     """A self-contained page: the table and the plots inlined, so it can be mailed or attached."""
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "td:first-child,td:nth-child(2){text-align:left}</style>", f"<h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "td:first-child,td:nth-child(2){text-align:left}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     if table:
         parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table[0]) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table[1:]]

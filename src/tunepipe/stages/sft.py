@@ -28,12 +28,22 @@ def run(ctx: StageContext) -> StageResult:
     tok = load_tokenizer(cfg, log=ctx.log)
     model = load_model(cfg, plan, log=ctx.log)
 
-    args = compat.build(SFTConfig, log=ctx.log, packing=cfg.sft.packing,
-                        **trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke))
+    args = compat.build(
+        SFTConfig,
+        log=ctx.log,
+        packing=cfg.sft.packing,
+        **trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke),
+    )
     guard = NonFiniteLossGuard()
     trainer = compat.build(
-        SFTTrainer, log=ctx.log, model=model, args=args, train_dataset=train, processing_class=tok,
-        peft_config=lora_config(cfg.sft), callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
+        SFTTrainer,
+        log=ctx.log,
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        peft_config=lora_config(cfg.sft),
+        callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
     )
     result = trainer.train()
     save_adapter(trainer.model, out / "adapter")
@@ -42,9 +52,14 @@ def run(ctx: StageContext) -> StageResult:
     gates = loss_gate(log_rows, require_falling=not ctx.smoke)
     losses = [r["loss"] for r in log_rows]
     return StageResult(
-        summary=f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "no steps",
+        summary=f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        if losses
+        else "no steps",
         gates=gates,
-        outputs={"adapter": "sft/adapter", "steps": result.global_step,
-                 "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-                 "train_tokens": sum(len(r["input_ids"]) for r in rows)},
+        outputs={
+            "adapter": "sft/adapter",
+            "steps": result.global_step,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+            "train_tokens": sum(len(r["input_ids"]) for r in rows),
+        },
     )

@@ -1,0 +1,5 @@
+"""`python -m tunepipe` is the `tunepipe` command."""
+
+from .cli import main
+
+main()

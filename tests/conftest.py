@@ -1,0 +1,89 @@
+"""Shared fixtures. Tests never touch the network: the hub is switched off before anything imports it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_qwen3: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_qwen3)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def skills_data(folder: Path, seed: int = 0) -> Path:
+    """Small quickstart-style data files in `folder`."""
+    from tunepipe.quickstart.skills import write_skills_data
+
+    write_skills_data(folder, seed, n_sft_train=24, n_sft_eval=6, n_dpo_train=12, n_dpo_eval=6)
+    return folder
+
+
+def write_config(folder: Path, model: Path, **sections: dict) -> Path:
+    """A pipeline config for a tiny model over the small skills data in `folder/data`."""
+    skills_data(folder / "data")
+    cfg: dict = {
+        "project": {"name": "test", "output_dir": "runs/test"},
+        "model": {"name_or_path": str(model)},
+        "data": {
+            "sft": {"train": "data/skills_sft_train.jsonl", "eval": "data/skills_sft_eval.jsonl"},
+            "dpo": {"train": "data/skills_dpo_train.jsonl", "eval": "data/skills_dpo_eval.jsonl"},
+            "max_length": 96,
+            "max_bad_rows": 0,
+        },
+        "sft": {
+            "learning_rate": 1e-2,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        },
+        "dpo": {
+            "learning_rate": 1e-2,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        },
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    path = folder / "tunepipe.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -1,0 +1,127 @@
+"""The whole pipeline through the real CLI, in subprocesses, on tiny random models (no hub).
+
+A --smoke run trains SFT and DPO for a few real steps with TRL, evaluates and reports; a second run
+skips every stage; changing sft.learning_rate reruns sft, dpo, eval and report but not data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["data", "sft", "dpo", "eval", "report"]
+
+
+def tunepipe(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "tunepipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+def _lora_tensors(adapter: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter / "adapter_model.safetensors"))
+
+
+def _ran(out: str) -> list[str]:
+    return [s for s in STAGES if f"[{s}] running" in out]
+
+
+def _skipped(out: str) -> list[str]:
+    return [s for s in STAGES if f"[{s}] skipped (up to date)" in out]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
+    tmp_path: Path, arch: str, request: pytest.FixtureRequest
+) -> None:
+    model = request.getfixturevalue(f"tiny_{arch}")
+    cfg = write_config(tmp_path, model)
+    first = tunepipe("run", cfg, "--smoke")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert _ran(first.stdout) == STAGES
+
+    run = tmp_path / "runs" / "test-smoke"
+    for rel in [
+        "pipeline.json",
+        "config.resolved.yaml",
+        "env.json",
+        "data/stats.json",
+        "data/rejects.jsonl",
+        "data/sft_train.jsonl",
+        "data/dpo_train.jsonl",
+        "sft/adapter/adapter_config.json",
+        "sft/log.jsonl",
+        "sft/stage.json",
+        "dpo/adapter/adapter_config.json",
+        "dpo/log.jsonl",
+        "dpo/stage.json",
+        "eval/metrics.json",
+        "eval/stage.json",
+        "report/report.md",
+        "report/report.html",
+        "report/sft_loss.png",
+        "report/dpo_loss.png",
+        "logs/sft.log",
+    ]:
+        assert (run / rel).is_file(), rel
+    assert list((run / "eval" / "samples").glob("*.jsonl"))
+
+    # LoRA B matrices start at zero: non-zero values mean the optimiser changed the parameters.
+    for stage in ("sft", "dpo"):
+        tensors = _lora_tensors(run / stage / "adapter")
+        b = [t for k, t in tensors.items() if "lora_B" in k]
+        assert b and all(t.abs().sum() > 0 for t in b), stage
+        log = [json.loads(x) for x in (run / stage / "log.jsonl").read_text().splitlines()]
+        assert len(log) >= 2 and all("step" in r and "loss" in r for r in log)
+        assert json.loads((run / stage / "stage.json").read_text())["status"] == "done"
+    # The DPO adapter is new and trained on top of the merged SFT weights, so the two differ.
+    sft_b, dpo_b = _lora_tensors(run / "sft" / "adapter"), _lora_tensors(run / "dpo" / "adapter")
+    k = next(k for k in sft_b if "lora_B" in k)
+    assert not (sft_b[k] == dpo_b[k]).all()
+
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "sft", "dpo"}
+    for m in metrics.values():
+        assert {"exact_match", "loss"} <= set(m["sft_eval"]) and "preference_accuracy" in m["dpo_eval"]
+    assert metrics["sft"]["sft_eval"]["loss"] != metrics["base"]["sft_eval"]["loss"]
+    report = (run / "report" / "report.md").read_text()
+    assert "exact_match" in report and "sft_loss.png" in report
+
+    second = tunepipe("run", cfg, "--smoke")
+    assert second.returncode == 0 and _ran(second.stdout) == [] and _skipped(second.stdout) == STAGES
+    state = json.loads((run / "pipeline.json").read_text())
+    assert all(state["stages"][s]["status"] == "done" for s in STAGES)
+
+    if arch != "qwen3":
+        return
+    changed = tunepipe("run", cfg, "--smoke", "sft.learning_rate=5e-3")
+    assert changed.returncode == 0, changed.stdout[-3000:]
+    assert _skipped(changed.stdout) == ["data"] and _ran(changed.stdout) == ["sft", "dpo", "eval", "report"]
+    new_b = _lora_tensors(run / "sft" / "adapter")
+    assert not (new_b[k] == sft_b[k]).all()
+
+
+def test_single_stage_commands_and_missing_upstream(tmp_path: Path, tiny_qwen3: Path) -> None:
+    cfg = write_config(tmp_path, tiny_qwen3)
+    early = tunepipe("train", cfg, "--stage", "dpo", "--smoke")
+    assert early.returncode != 0
+    assert "needs stage 'data'" in early.stdout + early.stderr
+    data = tunepipe("data", cfg, "--smoke")
+    assert data.returncode == 0 and _ran(data.stdout) == ["data"]
+    stats = json.loads((tmp_path / "runs" / "test-smoke" / "data" / "stats.json").read_text())
+    assert stats["rejected"] == 0 and stats["splits"]["sft_train"]["rows"] > 0
