@@ -79,7 +79,11 @@ def _label_logprobs(model: Any, ids: Any, mask: Any, target: Any, keep: Any) -> 
 
 
 def sequence_logprobs(
-    model: Any, seqs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
+    model: Any,
+    seqs: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[float, int]]:
     """(sum of log p over labelled tokens, number of labelled tokens) per (input_ids, labels) pair."""
     import torch
@@ -104,12 +108,21 @@ def sequence_logprobs(
         sums = torch.zeros(len(batch), dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked)
         counts = keep.sum(dim=1)
         results.extend((sums[r].item(), int(counts[r].item())) for r in range(len(batch)))
+        if progress:
+            progress(len(batch))
     return results
 
 
-def assistant_loss(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int) -> float:
+def assistant_loss(
+    model: Any,
+    rows: list[dict[str, Any]],
+    pad_id: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> float:
     """Mean cross-entropy per assistant token (the tokens SFT trains on)."""
-    lp = sequence_logprobs(model, [(r["input_ids"], r["labels"]) for r in rows], pad_id, batch_size)
+    seqs = [(r["input_ids"], r["labels"]) for r in rows]
+    lp = sequence_logprobs(model, seqs, pad_id, batch_size, progress)
     total, n = sum(x for x, _ in lp), sum(k for _, k in lp)
     return -total / max(n, 1)
 
@@ -120,6 +133,7 @@ def preference_accuracy(
     pairs: list[dict[str, Conversation]],
     batch_size: int,
     enable_thinking: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[float, list[float]]:
     """Share of pairs where log p(chosen | prompt) > log p(rejected | prompt), and the margins."""
     seqs = []
@@ -130,7 +144,7 @@ def preference_accuracy(
                     tok, p["prompt"] + p[side], train_on="last", enable_thinking=enable_thinking
                 )
             )
-    lp = sequence_logprobs(model, seqs, tok.pad_token_id, batch_size)
+    lp = sequence_logprobs(model, seqs, tok.pad_token_id, batch_size, progress)
     margins = [lp[2 * i][0] - lp[2 * i + 1][0] for i in range(len(pairs))]
     return sum(m > 0 for m in margins) / max(len(margins), 1), margins
 
@@ -142,11 +156,12 @@ def exact_match(
     max_new_tokens: int,
     batch_size: int,
     enable_thinking: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Share of conversations whose greedy reply equals the reference final assistant turn."""
     prompts = [prompt_text(tok, r["messages"], enable_thinking) for r in rows]
     refs = [next(m["content"] for m in reversed(r["messages"]) if m["role"] == "assistant") for r in rows]
-    preds = generate(model, tok, prompts, max_new_tokens, batch_size)
+    preds = generate(model, tok, prompts, max_new_tokens, batch_size, progress)
     samples = [
         {
             "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",

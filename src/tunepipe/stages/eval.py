@@ -11,6 +11,8 @@ import gc
 import json
 import math
 
+from tqdm.auto import tqdm
+
 from ..data.prepare import read_split
 from ..evaluation import assistant_loss, exact_match, preference_accuracy
 from ..modeling import load_stage_model, load_tokenizer, plan_for
@@ -18,6 +20,16 @@ from . import Gate, StageContext, StageResult
 
 SMOKE_SAMPLES = 4
 SMOKE_NEW_TOKENS = 8
+
+
+def _work(sets: dict[str, list], metrics: list[str]) -> int:
+    """Sequences each model processes: one per row per metric, two per preference pair."""
+    n = 0
+    if "sft_eval" in sets:
+        n += len(sets["sft_eval"]) * (("exact_match" in metrics) + ("loss" in metrics))
+    if "dpo_eval" in sets and "preference_accuracy" in metrics:
+        n += 2 * len(sets["dpo_eval"])
+    return n
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -47,21 +59,27 @@ def run(ctx: StageContext) -> StageResult:
     for which in e.models:
         model = load_stage_model(cfg, plan, ctx.run_dir, which, log=ctx.log).eval()
         metrics[which] = {}
+        bar = tqdm(total=_work(sets, e.metrics), desc=f"eval {which}", unit="seq")
         for name, rows in sets.items():
             m: dict[str, float] = {}
             if name == "sft_eval":
                 if "exact_match" in e.metrics:
-                    m["exact_match"], samples = exact_match(model, tok, rows, max_new, e.batch_size, think)
+                    m["exact_match"], samples = exact_match(
+                        model, tok, rows, max_new, e.batch_size, think, bar.update
+                    )
                     with (out / "samples" / f"{which}_{name}.jsonl").open("w") as fh:
                         fh.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
                 if "loss" in e.metrics:
-                    m["loss"] = assistant_loss(model, rows, tok.pad_token_id, e.batch_size)
+                    m["loss"] = assistant_loss(model, rows, tok.pad_token_id, e.batch_size, bar.update)
             elif name == "dpo_eval" and "preference_accuracy" in e.metrics:
-                m["preference_accuracy"], margins = preference_accuracy(model, tok, rows, e.batch_size, think)
+                m["preference_accuracy"], margins = preference_accuracy(
+                    model, tok, rows, e.batch_size, think, bar.update
+                )
                 m["mean_logp_margin"] = sum(margins) / len(margins)
             m["n"] = len(rows)
             metrics[which][name] = {k: round(v, 4) for k, v in m.items()}
             ctx.log(f"  {which:4s} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+        bar.close()
         del model
         gc.collect()
 
