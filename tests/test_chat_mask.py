@@ -66,3 +66,52 @@ def test_template_that_rewrites_history_is_reported(tiny_tokenizer) -> None:
     )
     with pytest.raises(TemplateError, match="train_on: last"):
         tokenize_conversation(tok, CONV)
+
+
+# Written for this test in the shape of Qwen3's template: replies after the last user turn open with
+# a think block (holding `reasoning_content`, or empty), earlier replies lose it, and
+# enable_thinking=false puts an empty think block into the generation prompt.
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set reasoning = m.reasoning_content if m.reasoning_content is string else '' -%}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + m.content"
+    " + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>assistant\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- endif -%}{%- endif -%}"
+)
+
+
+@pytest.fixture()
+def thinking_tokenizer(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    tok.chat_template = QWEN3_STYLE
+    return tok
+
+
+@pytest.mark.parametrize("enable_thinking", [None, False, True])
+def test_thinking_template_multi_turn_trains_replies_not_empty_think_blocks(
+    thinking_tokenizer, enable_thinking
+) -> None:
+    ids, labels = tokenize_conversation(thinking_tokenizer, CONV, enable_thinking=enable_thinking)
+    # The earlier reply is rendered without a think block inside the whole conversation; the last
+    # one gets an empty block that is not trained.
+    assert "<think>\n\n</think>" in thinking_tokenizer.decode(ids)
+    assert _trained_text(thinking_tokenizer, ids, labels) == ["2, 5, 9<|im_end|>", "3000<|im_end|>"]
+
+
+def test_reasoning_in_the_data_is_kept_and_trained(thinking_tokenizer) -> None:
+    conv = [*CONV[:-1], {"role": "assistant", "content": "3000", "reasoning_content": "1 kg is 1000 g."}]
+    ids, labels = tokenize_conversation(thinking_tokenizer, conv)
+    assert _trained_text(thinking_tokenizer, ids, labels) == [
+        "2, 5, 9<|im_end|>",
+        "<think>\n1 kg is 1000 g.\n</think>\n\n3000<|im_end|>",
+    ]

@@ -26,6 +26,8 @@ def _check(question: str, answer: str) -> bool:
         return answer == str(int(m.group(1)) + int(m.group(2)))
     if m := re.search(r"Write '(.*)' in capital letters\.", question):
         return answer == m.group(1).upper()
+    if m := re.search(r"Write '(.*)' in lowercase letters\.", question):
+        return answer == m.group(1).lower()
     if m := re.search(r"Reverse the order of these words: (.*)$", question):
         return answer == " ".join(reversed(m.group(1).split()))
     raise AssertionError(f"no checker for {question!r}")
@@ -63,4 +65,7 @@ def test_answers_are_correct_and_rejected_differs() -> None:
         good, bad = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert good != bad and _check(q, good) and not _check(q, bad), r
         tasks.add(r["task"])
-    assert len(tasks) >= 4
+    assert len(tasks) == 7
+    # Half the pairs teach a skill that the SFT data never shows.
+    assert {r["task"] for r in s["sft_train"]} == tasks - {"lowercase"}
+    assert sum(r["task"] == "lowercase" for r in s["dpo_eval"]) == len(s["dpo_eval"]) // 2

@@ -79,12 +79,24 @@ class ModelConfig(Section):
 
 
 class DataSource(Section):
-    path: str
+    path: str  # a file, glob, folder, `save_to_disk` folder or hub dataset id
     format: (
-        Literal["auto", "messages", "prompt_completion", "preference", "sharegpt", "alpaca", "text"] | None
-    ) = None
-    columns: dict[str, str] = Field(default_factory=dict)
-    weight: float = Field(1.0, gt=0)
+        Literal[
+            "auto",
+            "messages",
+            "sharegpt",
+            "prompt_completion",
+            "alpaca",
+            "text",
+            "preference",
+            "preference_implicit",
+            "sharegpt_preference",
+        ]
+        | None
+    ) = None  # None/auto = detected from the first records
+    columns: dict[str, str] = Field(default_factory=dict)  # canonical name -> your column
+    weight: float = Field(1.0, gt=0)  # <1 samples, >1 repeats the source's rows
+    split: str | None = None  # for hub ids and DatasetDict folders (default train)
 
 
 def _as_sources(v: Any) -> Any:
@@ -172,6 +184,9 @@ class DPOConfig(StageTrainingConfig):
     learning_rate: float = Field(5e-6, gt=0)
     beta: float = Field(0.1, gt=0)  # higher keeps the policy closer to the reference
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # > 0 adds the SFT loss on the chosen reply with this weight (RPO): the policy keeps raising the
+    # probability of good answers instead of only widening the gap, which protects generation quality.
+    sft_weight: float = Field(0.0, ge=0)
     # The reference policy is the SFT model (the LoRA adapter disabled on the merged SFT weights).
     reference: Literal["sft"] = "sft"
 

@@ -140,8 +140,8 @@ def _input_files(cfg: Config, name: str) -> dict[str, str]:
             sd = getattr(cfg.data, stage)
             for src in [*sd.train, *sd.eval]:
                 try:
-                    for f in expand(cfg.path(src.path)):
-                        files[str(f)] = file_fingerprint(f)
+                    for inp in expand(cfg.path(src.path), src.path, src.split):
+                        files[str(inp)] = inp.fingerprint()
                 except SourceError:
                     files[src.path] = "missing"  # the data stage reports it properly
         if cfg.model.chat_template and cfg.path(cfg.model.chat_template).is_file():

@@ -8,6 +8,7 @@ tokens with the tokenizer's offset mapping, so no `{% generation %}` markers are
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .formats import Conversation
@@ -42,6 +43,31 @@ def render(
     )
 
 
+# Templates such as Qwen3's open every reply after the last user turn with a think block; an empty
+# one is template scaffolding, not something to learn.
+_EMPTY_THINK = re.compile(r"\s*<think>\s*</think>\s*")
+
+
+def _locate(full: str, piece: str, content: str, cursor: int) -> tuple[int, int] | None:
+    """Find an assistant reply rendered on its own (`piece`) inside the whole conversation.
+
+    Templates may render a turn differently once later turns follow (Qwen3 drops the reasoning and
+    the think block from earlier replies), so try the piece, the piece without an empty think
+    block, then the reply text with what the template puts after it (the end-of-turn token)."""
+    candidates = [piece]
+    m = _EMPTY_THINK.match(piece)
+    if m:
+        candidates.append(piece[m.end() :])
+    k = piece.rfind(content) if content else -1
+    if k > 0:
+        candidates.append(piece[k:])
+    for cand in candidates:
+        pos = full.find(cand, cursor) if cand else -1
+        if pos >= 0:
+            return pos, pos + len(cand)
+    return None
+
+
 def assistant_spans(
     tokenizer: Any, messages: Conversation, *, train_on: str = "all", enable_thinking: bool | None = None
 ) -> tuple[str, list[tuple[int, int]]]:
@@ -50,7 +76,8 @@ def assistant_spans(
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last":
         turns = turns[-1:]
-    spans = []
+    spans: list[tuple[int, int]] = []
+    cursor = 0
     for i in turns:
         before = (
             render(tokenizer, messages[:i], add_generation_prompt=True, enable_thinking=enable_thinking)
@@ -58,16 +85,26 @@ def assistant_spans(
             else ""
         )
         upto = render(tokenizer, messages[: i + 1], enable_thinking=enable_thinking)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise TemplateError(
-                "the chat template renders earlier turns differently once later turns are added, so the "
-                f"assistant turn {i} cannot be located; use `data.train_on: last` "
-                "or set `model.chat_template`"
-            )
         # Trailing whitespace after the end-of-turn token is formatting, not something to learn.
         end = len(upto.rstrip())
-        if end > len(before):
-            spans.append((len(before), end))
+        span: tuple[int, int] | None = None
+        if upto.startswith(before):
+            if full.startswith(upto[:end]) and len(before) >= cursor:
+                span = (len(before), end)
+            else:
+                span = _locate(full, upto[len(before) : end], messages[i]["content"], cursor)
+        if span is None:
+            raise TemplateError(
+                f"the chat template renders assistant turn {i} so differently inside the whole "
+                "conversation that it cannot be located; use `data.train_on: last` "
+                "or set `model.chat_template`"
+            )
+        m = _EMPTY_THINK.match(full, span[0])
+        if m and m.end() <= span[1]:
+            span = (m.end(), span[1])
+        if span[1] > span[0]:
+            spans.append(span)
+        cursor = span[1]
     return full, spans
 
 

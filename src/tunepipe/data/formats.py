@@ -1,16 +1,20 @@
-"""Record formats: detection and conversion to the two internal forms.
+"""Record formats: detection and conversion to the internal forms.
 
-- a conversation: a list of {"role", "content"} messages (SFT);
+- a conversation: a list of {"role", "content"} messages (SFT), `reasoning_content` kept;
+- plain text for language modelling: {"text": str} (SFT, every token trained);
 - a preference pair: {"prompt": messages, "chosen": messages, "rejected": messages} (DPO).
 
-Every problem is a RowError whose message names the field and the fix; the caller adds file and line.
+`columns` maps the canonical field names to the user's (`{prompt: question, response: answer}`).
+Every problem is a RowError whose message names the field (as the user calls it) and the fix; the
+caller adds file and line.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Conversation = list[Message]
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -19,50 +23,124 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "model": "assistant",
     "system": "system",
+    "function_call": "assistant",
     "function": "tool",
     "observation": "tool",
     "tool": "tool",
 }
+# Message fields passed to the chat template besides role and content.
+EXTRA_MESSAGE_FIELDS = ("reasoning_content", "tool_calls", "name", "tool_call_id")
 
-SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca")
-PREFERENCE_FORMATS = ("preference",)
+SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
+PREFERENCE_FORMATS = ("preference", "preference_implicit", "sharegpt_preference")
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
+# What each format needs, in canonical names; shown when detection fails.
+SIGNATURES = {
+    "messages": "messages: [{role, content}, ...]",
+    "sharegpt": "conversations: [{from, value}, ...] (+ system)",
+    "prompt_completion": "prompt + completion (strings or message lists)",
+    "alpaca": "instruction + output (+ input, system, history)",
+    "text": "text (language modelling, every token trained)",
+    "preference": "prompt + chosen + rejected",
+    "preference_implicit": "chosen + rejected: whole conversations sharing the prompt",
+    "sharegpt_preference": "conversations + chosen + rejected ({from, value} objects)",
+}
+# Canonical names users often map with a different word.
+SYNONYMS = {"response": "completion", "answer": "completion", "question": "prompt", "query": "prompt"}
 
 
 class RowError(ValueError):
     """One bad row: the message names the field and what is wrong with it."""
 
 
-def detect_format(record: dict[str, Any], columns: dict[str, str]) -> str:
-    """The format of one record, from the fields it has (after column renaming)."""
-    keys = set(record) | set(columns)
-    if {"chosen", "rejected"} <= keys and "prompt" in keys:
-        return "preference"
+class FormatError(ValueError):
+    """A source whose format cannot be told (unknown or ambiguous): the message lists the choices."""
+
+
+class Fields:
+    """A record seen through the column mapping: canonical name -> value, with the user's names for errors."""
+
+    def __init__(self, record: dict[str, Any], columns: dict[str, str]):
+        self.record = record
+        self.names: dict[str, str] = {}
+        for canon, user in columns.items():
+            self.names[SYNONYMS.get(canon, canon)] = user
+        # The output field of alpaca and the completion of prompt/completion are both "the response".
+        if "completion" in self.names and "output" not in self.names:
+            self.names["output"] = self.names["completion"]
+
+    def name(self, canon: str) -> str:
+        return self.names.get(canon, canon)
+
+    def has(self, canon: str) -> bool:
+        return self.record.get(self.name(canon)) is not None
+
+    def keys(self) -> set[str]:
+        mapped = set(self.names.values())
+        return {c for c in self.names if self.has(c)} | {k for k in self.record if k not in mapped}
+
+    def get(self, canon: str, required: bool = True) -> Any:
+        value = self.record.get(self.name(canon))
+        if value is None and required:
+            raise RowError(f"missing field '{self.name(canon)}'")
+        return value
+
+
+def candidates(record: dict[str, Any], columns: dict[str, str]) -> list[str]:
+    """Every format this record fits."""
+    keys = Fields(record, columns).keys()
+    out = []
+    if {"chosen", "rejected"} <= keys:
+        if "conversations" in keys:
+            out.append("sharegpt_preference")
+        elif "prompt" in keys:
+            out.append("preference")
+        else:
+            out.append("preference_implicit")
+        return out
     if "messages" in keys:
-        return "messages"
+        out.append("messages")
     if "conversations" in keys:
-        return "sharegpt"
-    if {"prompt", "completion"} <= keys:
-        return "prompt_completion"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    raise RowError(
-        f"unknown data format: fields {sorted(record)}; expected one of: messages (chat), "
-        "conversations (ShareGPT), prompt + completion, instruction + output (alpaca), "
-        "prompt + chosen + rejected (preference). Set `format:` and `columns:` on the source to map yours."
-    )
+        out.append("sharegpt")
+    if "prompt" in keys and "completion" in keys:
+        out.append("prompt_completion")
+    if "instruction" in keys and "output" in keys:
+        out.append("alpaca")
+    if not out and "text" in keys:
+        out.append("text")
+    return out
 
 
-def _field(record: dict[str, Any], name: str, columns: dict[str, str], required: bool = True) -> Any:
-    key = columns.get(name, name)
-    if key not in record or record[key] is None:
-        if required:
-            raise RowError(f"missing field '{key}'")
-        return None
-    return record[key]
+def _choices() -> str:
+    return "\n".join(f"    format: {f:20s} {SIGNATURES[f]}" for f in FORMATS)
 
 
-def _check_messages(msgs: Any, field: str) -> Conversation:
+def detect_format(records: list[dict[str, Any]], columns: dict[str, str], where: str) -> str:
+    """The main format of a source, from its first records. Unknown or ambiguous -> FormatError."""
+    seen: Counter[str] = Counter()
+    fields: set[str] = set()
+    for rec in records:
+        fields |= set(rec)
+        c = candidates(rec, columns)
+        if len(c) > 1:
+            raise FormatError(
+                f"{where}: ambiguous data format: the columns {sorted(rec)} fit {', '.join(c)}. "
+                f"Set `format:` on the source to one of:\n{_choices()}"
+            )
+        if c:
+            seen[c[0]] += 1
+    if not seen:
+        raise FormatError(
+            f"{where}: unknown data format: the columns are {sorted(fields)}. Map them with `columns:` "
+            "(e.g. `columns: {prompt: question, completion: answer}`) or set `format:` to one of:\n"
+            f"{_choices()}"
+        )
+    return seen.most_common(1)[0][0]  # rows that fit another format are converted as that one
+
+
+def _check_messages(msgs: Any, field: str, need_assistant_content: bool = True) -> Conversation:
     if not isinstance(msgs, list) or not msgs:
         raise RowError(f"{field}: expected a non-empty list of {{role, content}} messages")
     out: Conversation = []
@@ -73,11 +151,15 @@ def _check_messages(msgs: Any, field: str) -> Conversation:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RowError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
+        if role == "assistant" and m.get("tool_calls") and not content:
+            content = ""  # a pure tool call: the call is what is trained
+        elif not isinstance(content, str):
             raise RowError(f"{where}.content: expected a string, got {type(content).__name__}")
-        if role == "assistant" and not content.strip():
+        elif role == "assistant" and need_assistant_content and not content.strip():
             raise RowError(f"{where}.content: empty assistant response")
-        out.append({"role": role, "content": content})
+        msg: Message = {"role": role, "content": content}
+        msg.update({k: m[k] for k in EXTRA_MESSAGE_FIELDS if m.get(k) is not None})
+        out.append(msg)
     return out
 
 
@@ -87,48 +169,67 @@ def _as_messages(value: Any, field: str, role: str) -> Conversation:
         if role == "assistant" and not value.strip():
             raise RowError(f"{field}: empty assistant response")
         return [{"role": role, "content": value}]
+    if isinstance(value, dict):
+        value = [value]
     return _check_messages(value, field)
 
 
+def _sharegpt_turns(turns: Any, field: str) -> Conversation:
+    if isinstance(turns, dict):
+        turns = [turns]
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"{field}: expected a non-empty list of {{from, value}} turns")
+    conv: Conversation = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise RowError(f"{field}[{i}]: expected an object with from and value, got {type(t).__name__}")
+        role = SHAREGPT_ROLES.get(str(t.get("from")))
+        if role is None:
+            raise RowError(
+                f"{field}[{i}].from: unknown role {t.get('from')!r} "
+                f"(expected one of {', '.join(SHAREGPT_ROLES)})"
+            )
+        conv.append({"role": role, "content": t.get("value")})
+    return _check_messages(conv, field)
+
+
+def _system(f: Fields) -> Conversation:
+    system = f.get("system", required=False)
+    return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+
+
 def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> Conversation:
+    f = Fields(record, columns)
     if fmt == "messages":
-        conv = _check_messages(_field(record, "messages", columns), columns.get("messages", "messages"))
+        conv = _check_messages(f.get("messages"), f.name("messages"))
     elif fmt == "sharegpt":
-        key = columns.get("conversations", "conversations")
-        turns = _field(record, "conversations", columns)
-        if not isinstance(turns, list) or not turns:
-            raise RowError(f"{key}: expected a non-empty list of {{from, value}} turns")
-        conv = []
-        system = record.get(columns.get("system", "system"))
-        if isinstance(system, str) and system.strip():
-            conv.append({"role": "system", "content": system})
-        for i, t in enumerate(turns):
-            if not isinstance(t, dict):
-                raise RowError(f"{key}[{i}]: expected an object with from and value")
-            role = SHAREGPT_ROLES.get(str(t.get("from")))
-            if role is None:
-                raise RowError(
-                    f"{key}[{i}].from: unknown role {t.get('from')!r} "
-                    f"(expected one of {', '.join(SHAREGPT_ROLES)})"
-                )
-            conv.append({"role": role, "content": t.get("value")})
-        conv = _check_messages(conv, key)
+        turns = _sharegpt_turns(f.get("conversations"), f.name("conversations"))
+        conv = ([] if turns[0]["role"] == "system" else _system(f)) + turns
     elif fmt == "prompt_completion":
-        conv = _as_messages(_field(record, "prompt", columns), columns.get("prompt", "prompt"), "user")
-        conv += _as_messages(
-            _field(record, "completion", columns), columns.get("completion", "completion"), "assistant"
-        )
+        conv = _system(f) + _as_messages(f.get("prompt"), f.name("prompt"), "user")
+        conv += _as_messages(f.get("completion"), f.name("completion"), "assistant")
     elif fmt == "alpaca":
-        instruction = _field(record, "instruction", columns)
-        extra = _field(record, "input", columns, required=False)
-        output = _field(record, "output", columns)
-        if not isinstance(instruction, str) or not isinstance(output, str):
-            raise RowError("instruction and output must be strings")
-        prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
-        system = _field(record, "system", columns, required=False)
-        conv = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+        instruction, extra, output = f.get("instruction"), f.get("input", required=False), f.get("output")
+        for canon, value in (("instruction", instruction), ("output", output)):
+            if not isinstance(value, str):
+                raise RowError(f"{f.name(canon)}: expected a string, got {type(value).__name__}")
+        if extra is not None and not isinstance(extra, str):
+            raise RowError(f"{f.name('input')}: expected a string, got {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+        conv = _system(f)
+        history = f.get("history", required=False) or []
+        if not isinstance(history, list):
+            raise RowError(f"{f.name('history')}: expected a list of [instruction, response] pairs")
+        for i, pair in enumerate(history):
+            if not (
+                isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            ):
+                raise RowError(
+                    f"{f.name('history')}[{i}]: expected an [instruction, response] pair of strings"
+                )
+            conv += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         conv += [{"role": "user", "content": prompt}]
-        conv += _as_messages(output, columns.get("output", "output"), "assistant")
+        conv += _as_messages(output, f.name("output"), "assistant")
     else:
         raise RowError(
             f"format {fmt!r} is not a conversation format (expected one of {', '.join(SFT_FORMATS)})"
@@ -138,19 +239,59 @@ def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -
     return conv
 
 
+def to_text(record: dict[str, Any], columns: dict[str, str]) -> str:
+    f = Fields(record, columns)
+    text = f.get("text")
+    if not isinstance(text, str):
+        raise RowError(f"{f.name('text')}: expected a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RowError(f"{f.name('text')}: empty text")
+    return text
+
+
+def _split_shared_prefix(chosen: Conversation, rejected: Conversation) -> int:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    return n
+
+
 def to_preference(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> dict[str, Conversation]:
-    if fmt != "preference":
+    f = Fields(record, columns)
+    if fmt == "preference":
+        prompt = _as_messages(f.get("prompt"), f.name("prompt"), "user")
+        chosen = _as_messages(f.get("chosen"), f.name("chosen"), "assistant")
+        rejected = _as_messages(f.get("rejected"), f.name("rejected"), "assistant")
+        prompt = _system(f) + prompt if prompt[0]["role"] != "system" else prompt
+    elif fmt == "preference_implicit":
+        full_c, full_r = f.get("chosen"), f.get("rejected")
+        if isinstance(full_c, str) or isinstance(full_r, str):
+            raise RowError(
+                f"{f.name('chosen')}/{f.name('rejected')} are plain strings without a prompt: "
+                "add a 'prompt' field, or give whole conversations (message lists) that share the prompt"
+            )
+        full_c = _check_messages(full_c, f.name("chosen"))
+        full_r = _check_messages(full_r, f.name("rejected"))
+        n = _split_shared_prefix(full_c, full_r)
+        # The prompt is the shared prefix up to the last turn before the replies diverge.
+        while n > 0 and full_c[n - 1]["role"] == "assistant":
+            n -= 1
+        if n == 0:
+            raise RowError(f"{f.name('chosen')} and {f.name('rejected')} share no prompt turns")
+        prompt, chosen, rejected = full_c[:n], full_c[n:], full_r[n:]
+    elif fmt == "sharegpt_preference":
+        prompt = _sharegpt_turns(f.get("conversations"), f.name("conversations"))
+        prompt = ([] if prompt[0]["role"] == "system" else _system(f)) + prompt
+        chosen = _sharegpt_turns(f.get("chosen"), f.name("chosen"))
+        rejected = _sharegpt_turns(f.get("rejected"), f.name("rejected"))
+    else:
         raise RowError(
-            f"format {fmt!r} is not a preference format: DPO data needs prompt, chosen and rejected"
+            f"format {fmt!r} is not a preference format: DPO data needs prompt, chosen and rejected "
+            f"(one of {', '.join(PREFERENCE_FORMATS)})"
         )
-    prompt = _as_messages(_field(record, "prompt", columns), columns.get("prompt", "prompt"), "user")
-    chosen = _as_messages(_field(record, "chosen", columns), columns.get("chosen", "chosen"), "assistant")
-    rejected = _as_messages(
-        _field(record, "rejected", columns), columns.get("rejected", "rejected"), "assistant"
-    )
-    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise RowError(f"{columns.get(name, name)}: no assistant message")
+    for canon, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise RowError(f"{f.name(canon)}: no assistant turn after the prompt")
     if chosen == rejected:
         raise RowError("chosen is identical to rejected: the pair teaches nothing")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

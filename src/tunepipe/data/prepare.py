@@ -16,10 +16,20 @@ from typing import Any
 
 from ..config import Config, DataSource
 from .chat import IGNORE_INDEX, TemplateError, tokenize_conversation
-from .formats import PREFERENCE_FORMATS, RowError, detect_format, to_conversation, to_preference
-from .sources import SourceError, expand, read_rows
+from .formats import (
+    PREFERENCE_FORMATS,
+    FormatError,
+    RowError,
+    candidates,
+    detect_format,
+    to_conversation,
+    to_preference,
+    to_text,
+)
+from .sources import Input, Row, SourceError, expand, read_rows
 
 SMOKE_ROWS = {"train": 16, "eval": 8}
+DETECT_ROWS = 50  # records looked at to tell a source's format
 
 
 class DataError(Exception):
@@ -81,11 +91,25 @@ class _Preparer:
             )
         raise RowError(msg + " (data.truncation: drop)")
 
-    def _convert(self, stage: str, rec: dict[str, Any], src: DataSource) -> tuple[dict[str, Any], int, bool]:
-        fmt = src.format if src.format and src.format != "auto" else detect_format(rec, src.columns)
+    def _tokenize_text(self, text: str) -> tuple[list[int], list[int]]:
+        """Language modelling: every token trained, EOS appended so documents end."""
+        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
+        eos = self.tok.eos_token_id
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids, list(ids)
+
+    def _convert(
+        self, stage: str, rec: dict[str, Any], fmt: str, src: DataSource
+    ) -> tuple[dict[str, Any], int, bool]:
         d = self.cfg.data
         think = self.cfg.model.enable_thinking
         if stage == "dpo":
+            if fmt not in PREFERENCE_FORMATS:
+                raise RowError(
+                    f"a {fmt} row in DPO data: preference data needs prompt/chosen/rejected "
+                    "(list conversations under data.sft instead)"
+                )
             pair = to_preference(rec, fmt, src.columns)
             lengths, cut = [], False
             for side in ("chosen", "rejected"):
@@ -98,6 +122,10 @@ class _Preparer:
             return pair, max(lengths), cut
         if fmt in PREFERENCE_FORMATS:
             raise RowError("a preference pair in SFT data; list it under data.dpo instead")
+        if fmt == "text":
+            ids, labels = self._tokenize_text(to_text(rec, src.columns))
+            ids, labels, cut = self._fit(ids, labels)
+            return {"input_ids": ids, "labels": labels}, len(ids), cut
         conv = to_conversation(rec, fmt, src.columns)
         ids, labels = tokenize_conversation(self.tok, conv, train_on=d.train_on, enable_thinking=think)
         if all(x == IGNORE_INDEX for x in labels):
@@ -105,26 +133,41 @@ class _Preparer:
         ids, labels, cut = self._fit(ids, labels)
         return {"input_ids": ids, "labels": labels, "messages": conv}, len(ids), cut
 
+    def _source_format(self, inp: Input, rows: list[Row], src: DataSource, where: str) -> str:
+        if src.format and src.format != "auto":
+            return src.format
+        sample = [r.record for r in rows[:DETECT_ROWS] if r.record is not None]
+        if not sample:
+            return "unknown"
+        try:
+            return detect_format(sample, src.columns, where)
+        except FormatError as e:
+            raise DataError(str(e)) from None
+
     def load(self, stage: str, split: str, sources: list[DataSource]) -> SplitResult:
         out = SplitResult()
-        for src in sources:
-            for file in expand(self.cfg.path(src.path)):
-                rows_in = accepted = 0
-                fmt_seen: set[str] = set()
+        for i, src in enumerate(sources):
+            where = f"data.{stage}.{split}[{i}] ({src.path})"
+            for inp in expand(self.cfg.path(src.path), src.path, src.split):
+                rows = list(read_rows(inp))
+                fmt = self._source_format(inp, rows, src, f"{inp} ({where})")
                 taken: list[tuple[dict[str, Any], int, bool]] = []
-                for row in read_rows(file):
-                    rows_in += 1
+                formats: set[str] = set()
+                for row in rows:
                     try:
                         if row.error:
                             raise RowError(row.error)
                         assert row.record is not None
-                        fmt_seen.add(src.format or detect_format(row.record, src.columns))
-                        taken.append(self._convert(stage, row.record, src))
-                        accepted += 1
+                        row_fmt = fmt
+                        if not src.format or src.format == "auto":
+                            fits = candidates(row.record, src.columns)
+                            row_fmt = fits[0] if len(fits) == 1 else fmt
+                        taken.append(self._convert(stage, row.record, row_fmt, src))
+                        formats.add(row_fmt)
                     except (RowError, TemplateError) as e:
                         self.rejects.append(
                             {
-                                "file": str(file),
+                                "file": str(inp),
                                 "line": row.line,
                                 "reason": str(e),
                                 "stage": stage,
@@ -135,11 +178,12 @@ class _Preparer:
                     {
                         "stage": stage,
                         "split": split,
-                        "file": str(file),
-                        "format": ",".join(sorted(fmt_seen)) or "unknown",
-                        "rows_in": rows_in,
-                        "rows_accepted": accepted,
-                        "rows_rejected": rows_in - accepted,
+                        "file": str(inp),
+                        "format": ",".join(sorted(formats)) or fmt,
+                        "rows_in": len(rows),
+                        "rows_accepted": len(taken),
+                        "rows_rejected": len(rows) - len(taken),
+                        "weight": src.weight,
                     }
                 )
                 for rec, n, cut in self._weighted(taken, src.weight):

@@ -4,6 +4,10 @@ Every task has exactly one correct answer in an exact format, so `exact_match` m
 fine-tuning taught both the skill and the format. Preference pairs put the correct answer against a
 plausible wrong one (swapped day and month, a missing zero, an off-by-one sum, ...).
 
+Every other preference pair is a skill the SFT data never shows (`lowercase`, whose tempting wrong
+answer is to echo the capitals back), so the preference stage has something to teach that SFT did
+not: the report then shows what DPO adds, not only what it keeps.
+
     python -m tunepipe.quickstart.skills --out examples/data --seed 0
 """
 
@@ -75,6 +79,11 @@ def reverse_words(rng: random.Random) -> tuple[str, str, str]:
     return f"Reverse the order of these words: {' '.join(ws)}", " ".join(reversed(ws)), " ".join(wrong)
 
 
+def lowercase(rng: random.Random) -> tuple[str, str, str]:
+    w = " ".join(rng.sample(WORDS, 2))
+    return f"Write '{w.upper()}' in lowercase letters.", w, w.upper()
+
+
 TASKS: dict[str, Task] = {
     "date_reformat": date_reformat,
     "unit_conversion": unit_conversion,
@@ -83,6 +92,8 @@ TASKS: dict[str, Task] = {
     "uppercase": uppercase,
     "reverse_words": reverse_words,
 }
+# Taught by the preference data only.
+PREFERENCE_ONLY: dict[str, Task] = {"lowercase": lowercase}
 
 
 def _conversation(q: str) -> list[dict[str, str]]:
@@ -95,15 +106,18 @@ def generate(
     """Four splits with no question shared between them; tasks are interleaved round-robin."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    names = list(TASKS)
+    sft_names = list(TASKS)
+    # Preference pairs alternate: an SFT skill, then a preference-only skill.
+    pref_names = [n for pair in zip(sft_names, ["lowercase"] * len(sft_names), strict=True) for n in pair]
+    tasks = {**TASKS, **PREFERENCE_ONLY}
 
-    def items(n: int):
+    def items(n: int, names: list[str]):
         out = []
         for _attempt in range(100 * n + 100):
             if len(out) == n:
                 break
             name = names[len(out) % len(names)]
-            q, good, bad = TASKS[name](rng)
+            q, good, bad = tasks[name](rng)
             if q in seen or good == bad:
                 continue
             seen.add(q)
@@ -115,7 +129,7 @@ def generate(
     def sft(n: int) -> list[dict]:
         return [
             {"messages": [*_conversation(q), {"role": "assistant", "content": good}], "task": name}
-            for name, q, good, _ in items(n)
+            for name, q, good, _ in items(n, sft_names)
         ]
 
     def prefs(n: int) -> list[dict]:
@@ -126,7 +140,7 @@ def generate(
                 "rejected": [{"role": "assistant", "content": bad}],
                 "task": name,
             }
-            for name, q, good, bad in items(n)
+            for name, q, good, bad in items(n, pref_names)
         ]
 
     # Eval splits first so they do not depend on the train sizes.

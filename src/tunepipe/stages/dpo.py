@@ -7,12 +7,21 @@ Writes `dpo/adapter/`, `dpo/log.jsonl`. Gate: training started, loss finite and 
 
 from __future__ import annotations
 
+from typing import Any
+
 from .. import compat
+from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
 from ..guards import JsonlLogCallback, NonFiniteLossGuard
 from ..modeling import load_stage_model, load_tokenizer, lora_config, plan_for
 from ..training import loss_gate, read_log, save_adapter, trainer_args
 from . import StageContext, StageResult
+
+
+def _loss_kwargs(d: DPOSection) -> dict[str, Any]:
+    if d.sft_weight > 0:
+        return {"loss_type": [d.loss_type, "sft"], "loss_weights": [1.0, d.sft_weight]}
+    return {"loss_type": [d.loss_type]}
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -33,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
         DPOConfig,
         log=ctx.log,
         beta=d.beta,
-        loss_type=[d.loss_type],
+        **_loss_kwargs(d),
         **trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke),
     )
     guard = NonFiniteLossGuard()
