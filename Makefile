@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip --disable-pip-version-check
 CONFIG ?= examples/quickstart.yaml
 
-.PHONY: help install dev quickstart test test-fast lint format clean
+.PHONY: help install dev quickstart test test-fast lint format bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -40,12 +40,15 @@ test-fast: dev  ## tests that do not train a model
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
 
 lint: dev  ## ruff check + format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: dev  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
+
+bench: install  ## benchmarks (bench/*.py): data preparation speed, cold and warm
+	$(BIN)/python bench/data_prepare.py
 
 clean:  ## remove run folders (keeps .venv and the model cache)
 	rm -rf runs

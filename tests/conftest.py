@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Model imports and the data cache go to a per-session folder, never the user's cache.
+os.environ["TUNEPIPE_HOME"] = tempfile.mkdtemp(prefix="tunepipe-home-")
 
 import json  # noqa: E402
 import sys  # noqa: E402

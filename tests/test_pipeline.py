@@ -121,7 +121,20 @@ def test_single_stage_commands_and_missing_upstream(tmp_path: Path, tiny_qwen3: 
     early = tunepipe("train", cfg, "--stage", "dpo", "--smoke")
     assert early.returncode != 0
     assert "needs stage 'data'" in early.stdout + early.stderr
-    data = tunepipe("data", cfg, "--smoke")
+    data = tunepipe("data", cfg, "--smoke", "--preview", "2")
     assert data.returncode == 0 and _ran(data.stdout) == ["data"]
+    # Not a terminal: trained tokens are marked [[...]], each example with its token counts.
+    blocks = [b for b in data.stdout.split("--- ")[1:] if "tokens," in b]
+    assert [b.split(":")[0] for b in blocks] == [
+        "sft_train #1",
+        "sft_train #2",
+        "dpo_train #1 (chosen)",
+        "dpo_train #1 (rejected)",
+        "dpo_train #2 (chosen)",
+        "dpo_train #2 (rejected)",
+    ]
+    first = blocks[0]
+    assert first.count("[[") == 1 and "<|im_end|>]]" in first and "<|im_start|>user" in first
+    assert "[[" not in first.split("<|im_start|>assistant")[0]  # nothing before the reply is trained
     stats = json.loads((tmp_path / "runs" / "test-smoke" / "data" / "stats.json").read_text())
     assert stats["rejected"] == 0 and stats["splits"]["sft_train"]["rows"] > 0

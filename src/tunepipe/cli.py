@@ -108,12 +108,40 @@ def run(
 
 
 @app.command()
-def data(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
+def data(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    smoke: SmokeOpt = False,
+    preview: Annotated[
+        int, typer.Option("--preview", help="print N prepared examples with the trained tokens marked")
+    ] = 0,
+) -> None:
     """Load, detect, convert, validate and tokenize the data.
 
-    Writes data/: the prepared splits, stats.json and rejects.jsonl.
+    Writes data/: the prepared splits, stats.json and rejects.jsonl. With --preview N, trained
+    tokens are highlighted (marked [[like this]] when the output is not a terminal).
     """
     _run(config, overrides, stages=["data"], smoke=smoke)
+    if preview > 0:
+        _preview(config, overrides, smoke, preview)
+
+
+def _preview(config: Path, overrides: list[str] | None, smoke: bool, n: int) -> None:
+    from .data.prepare import read_split
+    from .data.preview import preview as render_preview
+    from .modeling import load_tokenizer
+    from .pipeline import run_dir_for
+
+    cfg = load_config(config, overrides or [])
+    data_dir = run_dir_for(cfg, smoke) / "data"
+    tok = load_tokenizer(cfg, log=lambda _m: None)
+    splits = {name: read_split(data_dir, name)[:n] for name in ("sft_train", "dpo_train")}
+    tty = console.is_terminal
+    for block in render_preview(tok, splits, n, "bold green" if tty else None, cfg.model.enable_thinking):
+        if tty:
+            console.print(block)
+        else:
+            console.print(block, markup=False, soft_wrap=True)
 
 
 @app.command()

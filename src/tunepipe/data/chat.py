@@ -116,14 +116,55 @@ def tokenize_conversation(
     # The template already holds the special tokens (BOS, turn markers); don't add them twice.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for j, (s, e) in enumerate(enc["offset_mapping"]):
-        if e > s and any(s < end and e > start for start, end in spans):
-            labels[j] = ids[j]
-    return ids, labels
+    return ids, labels_from_offsets(ids, enc["offset_mapping"], spans)
 
 
 def prompt_text(tokenizer: Any, messages: Conversation, enable_thinking: bool | None = None) -> str:
     """The prompt for generation: every message before the last assistant turn, plus the generation prompt."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return render(tokenizer, messages[:last], add_generation_prompt=True, enable_thinking=enable_thinking)
+
+
+def labels_from_offsets(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    labels = [IGNORE_INDEX] * len(ids)
+    if not spans:
+        return labels
+    k = 0  # spans are ordered and disjoint, offsets increase: one pass
+    for j, (s, e) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        if k == len(spans):
+            break
+        if e > s and s < spans[k][1] and e > spans[k][0]:
+            labels[j] = ids[j]
+    return labels
+
+
+def tokenize_conversations(
+    tokenizer: Any,
+    convs: list[Conversation],
+    train_on: list[str],
+    enable_thinking: bool | None = None,
+    batch_size: int = 512,
+) -> list[tuple[list[int], list[int]] | TemplateError]:
+    """tokenize_conversation for many conversations: templates rendered one by one, the text tokenized
+    in batches (the fast tokenizer encodes a batch on all cores). A conversation whose template fails
+    gets its TemplateError in its place."""
+    rendered: list[tuple[str, list[tuple[int, int]]] | TemplateError] = []
+    for conv, mode in zip(convs, train_on, strict=True):
+        try:
+            rendered.append(assistant_spans(tokenizer, conv, train_on=mode, enable_thinking=enable_thinking))
+        except TemplateError as e:
+            rendered.append(e)
+    out: list[tuple[list[int], list[int]] | TemplateError] = list(rendered)  # type: ignore[arg-type]
+    ok = [i for i, r in enumerate(rendered) if not isinstance(r, TemplateError)]
+    for b in range(0, len(ok), batch_size):
+        idx = ok[b : b + batch_size]
+        texts = [rendered[i][0] for i in idx]  # type: ignore[index]
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for i, ids, offsets in zip(idx, enc["input_ids"], enc["offset_mapping"], strict=True):
+            spans = rendered[i][1]  # type: ignore[index]
+            out[i] = (list(ids), labels_from_offsets(ids, offsets, spans))
+    return out

@@ -6,7 +6,9 @@ and for every source rows_in = rows_accepted + rows_rejected.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import statistics
 from collections.abc import Callable
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, DataSource
-from .chat import IGNORE_INDEX, TemplateError, tokenize_conversation
+from .chat import IGNORE_INDEX, TemplateError, tokenize_conversations
 from .formats import (
     PREFERENCE_FORMATS,
     FormatError,
@@ -48,6 +50,7 @@ class Prepared:
     splits: dict[str, SplitResult]
     sources: list[dict[str, Any]]
     rejects: list[dict[str, Any]]
+    cache_hits: int = 0
 
 
 def _length_stats(lengths: list[int], truncated: int) -> dict[str, Any]:
@@ -66,8 +69,42 @@ def _length_stats(lengths: list[int], truncated: int) -> dict[str, Any]:
     }
 
 
+def cache_dir() -> Path:
+    """Prepared sources, keyed by content: unchanged inputs are not converted or tokenized again."""
+    from ..quickstart.model import tunepipe_home
+
+    return tunepipe_home() / "cache" / "data"
+
+
+_CODE: str | None = None
+
+
+def _data_code_version() -> str:
+    """A hash of the data package's source: a fix to conversion or masking invalidates the cache."""
+    global _CODE
+    if _CODE is None:
+        h = hashlib.sha256()
+        for f in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(f.read_bytes())
+        _CODE = h.hexdigest()[:16]
+    return _CODE
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """Vocabulary, special tokens, chat template and class: what changes the token ids or masks."""
+    h = hashlib.sha256()
+    h.update(type(tok).__name__.encode())
+    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    h.update(json.dumps(tok.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(str(getattr(tok, "chat_template", "")).encode())
+    h.update(str(getattr(tok, "add_bos_token", "")).encode())
+    return h.hexdigest()[:16]
+
+
 class _Preparer:
     def __init__(self, cfg: Config, tokenizer: Any, smoke: bool):
+        self.cache_hits = 0
+        self.tok_fp = tokenizer_fingerprint(tokenizer)
         self.cfg = cfg
         self.tok = tokenizer
         self.smoke = smoke
@@ -91,49 +128,70 @@ class _Preparer:
             )
         raise RowError(msg + " (data.truncation: drop)")
 
-    def _tokenize_text(self, text: str) -> tuple[list[int], list[int]]:
-        """Language modelling: every token trained, EOS appended so documents end."""
-        ids = list(self.tok(text, add_special_tokens=True)["input_ids"])
-        eos = self.tok.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        return ids, list(ids)
-
-    def _convert(
-        self, stage: str, rec: dict[str, Any], fmt: str, src: DataSource
-    ) -> tuple[dict[str, Any], int, bool]:
-        d = self.cfg.data
-        think = self.cfg.model.enable_thinking
+    def _internal(self, stage: str, rec: dict[str, Any], fmt: str, src: DataSource) -> tuple[str, Any]:
+        """Phase 1: a record -> ("conv", messages) | ("text", str) | ("pair", pair). RowError if bad."""
         if stage == "dpo":
             if fmt not in PREFERENCE_FORMATS:
                 raise RowError(
                     f"a {fmt} row in DPO data: preference data needs prompt/chosen/rejected "
                     "(list conversations under data.sft instead)"
                 )
-            pair = to_preference(rec, fmt, src.columns)
-            lengths, cut = [], False
-            for side in ("chosen", "rejected"):
-                ids, labels = tokenize_conversation(
-                    self.tok, pair["prompt"] + pair[side], train_on="last", enable_thinking=think
-                )
-                ids, labels, c = self._fit(ids, labels)
-                lengths.append(len(ids))
-                cut |= c
-            return pair, max(lengths), cut
+            return "pair", to_preference(rec, fmt, src.columns)
         if fmt in PREFERENCE_FORMATS:
             raise RowError("a preference pair in SFT data; list it under data.dpo instead")
         if fmt == "text":
-            ids, labels = self._tokenize_text(to_text(rec, src.columns))
-            ids, labels, cut = self._fit(ids, labels)
-            return {"input_ids": ids, "labels": labels}, len(ids), cut
-        conv = to_conversation(rec, fmt, src.columns)
-        ids, labels = tokenize_conversation(self.tok, conv, train_on=d.train_on, enable_thinking=think)
-        if all(x == IGNORE_INDEX for x in labels):
-            raise RowError("no trained token: the assistant turns are empty after templating")
-        ids, labels, cut = self._fit(ids, labels)
-        return {"input_ids": ids, "labels": labels, "messages": conv}, len(ids), cut
+            return "text", to_text(rec, src.columns)
+        return "conv", to_conversation(rec, fmt, src.columns)
 
-    def _source_format(self, inp: Input, rows: list[Row], src: DataSource, where: str) -> str:
+    def _tokenize(self, items: list[tuple[str, Any]]) -> list[list[tuple[list[int], list[int]]] | Exception]:
+        """Phase 2, batched: the token sequences of every item (two for a pair), or the error."""
+        d = self.cfg.data
+        convs: list[Any] = []
+        modes: list[str] = []
+        owner: list[int] = []
+        texts: list[tuple[int, str]] = []
+        for k, (kind, obj) in enumerate(items):
+            if kind == "conv":
+                convs.append(obj), modes.append(d.train_on), owner.append(k)
+            elif kind == "pair":
+                for side in ("chosen", "rejected"):
+                    convs.append(obj["prompt"] + obj[side]), modes.append("last"), owner.append(k)
+            else:
+                texts.append((k, obj))
+        out: list[Any] = [[] for _ in items]
+        seqs = tokenize_conversations(self.tok, convs, modes, self.cfg.model.enable_thinking)
+        for k, seq in zip(owner, seqs, strict=True):
+            if isinstance(out[k], list):
+                out[k] = seq if isinstance(seq, Exception) else [*out[k], seq]
+        eos = self.tok.eos_token_id
+        for b in range(0, len(texts), 512):
+            chunk = texts[b : b + 512]
+            enc = self.tok([t for _, t in chunk], add_special_tokens=True)
+            for (k, _), ids in zip(chunk, enc["input_ids"], strict=True):
+                ids = list(ids)
+                if eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)  # language modelling: documents end, every token trained
+                out[k] = [(ids, list(ids))]
+        return out
+
+    def _finish(self, kind: str, obj: Any, seqs: list[tuple[list[int], list[int]]]) -> tuple[dict, int, bool]:
+        """Phase 3: masks checked, truncation policy applied, the prepared record."""
+        fitted = []
+        for ids, labels in seqs:
+            if kind == "conv" and all(x == IGNORE_INDEX for x in labels):
+                raise RowError("no trained token: the assistant turns are empty after templating")
+            fitted.append(self._fit(ids, labels))
+        cut = any(c for _, _, c in fitted)
+        n = max(len(ids) for ids, _, _ in fitted)
+        if kind == "pair":
+            return obj, n, cut
+        ids, labels, _ = fitted[0]
+        rec = {"input_ids": ids, "labels": labels}
+        if kind == "conv":
+            rec["messages"] = obj
+        return rec, n, cut
+
+    def _source_format(self, rows: list[Row], src: DataSource, where: str) -> str:
         if src.format and src.format != "auto":
             return src.format
         sample = [r.record for r in rows[:DETECT_ROWS] if r.record is not None]
@@ -144,45 +202,94 @@ class _Preparer:
         except FormatError as e:
             raise DataError(str(e)) from None
 
+    def _cache_key(self, stage: str, inp: Input, src: DataSource) -> str:
+        d, m = self.cfg.data, self.cfg.model
+        parts = {
+            "code": _data_code_version(),
+            "input": inp.fingerprint(),
+            "stage": stage,
+            "format": src.format,
+            "columns": src.columns,
+            "tokenizer": self.tok_fp,
+            "max_length": d.max_length,
+            "truncation": d.truncation,
+            "train_on": d.train_on,
+            "enable_thinking": m.enable_thinking,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def _process(self, stage: str, inp: Input, src: DataSource, where: str) -> dict[str, Any]:
+        """One input, converted and tokenized: the accepted records and the rejects, cached by content."""
+        cache = cache_dir() / f"{self._cache_key(stage, inp, src)}.json" if inp.kind != "hub" else None
+        if cache is not None and cache.is_file():
+            try:
+                self.cache_hits += 1
+                return json.loads(cache.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                self.cache_hits -= 1  # unreadable cache entry: rebuild it
+        rows = list(read_rows(inp))
+        fmt = self._source_format(rows, src, f"{inp} ({where})")
+        rejects: list[dict[str, Any]] = []
+        formats: set[str] = set()
+        items: list[tuple[Row, tuple[str, Any]]] = []
+
+        def reject(row: Row, e: Exception) -> None:
+            rejects.append({"file": str(inp), "line": row.line, "reason": str(e)})
+
+        for row in rows:
+            try:
+                if row.error:
+                    raise RowError(row.error)
+                assert row.record is not None
+                row_fmt = fmt
+                if not src.format or src.format == "auto":
+                    fits = candidates(row.record, src.columns)
+                    row_fmt = fits[0] if len(fits) == 1 else fmt
+                items.append((row, self._internal(stage, row.record, row_fmt, src)))
+                formats.add(row_fmt)
+            except RowError as e:
+                reject(row, e)
+        taken = []
+        for (row, (kind, obj)), seqs in zip(items, self._tokenize([it for _, it in items]), strict=True):
+            try:
+                if isinstance(seqs, Exception):
+                    raise seqs
+                taken.append(list(self._finish(kind, obj, seqs)))
+            except (RowError, TemplateError) as e:
+                reject(row, e)
+            except DataError as e:  # truncation: error stops at the first long row, with its place
+                raise DataError(f"{inp}:{row.line}: {e}") from None
+        rejects.sort(key=lambda r: r["line"])
+        result = {
+            "format": ",".join(sorted(formats)) or fmt,
+            "rows_in": len(rows),
+            "taken": taken,
+            "rejects": rejects,
+        }
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+            tmp.replace(cache)
+        return result
+
     def load(self, stage: str, split: str, sources: list[DataSource]) -> SplitResult:
         out = SplitResult()
         for i, src in enumerate(sources):
             where = f"data.{stage}.{split}[{i}] ({src.path})"
             for inp in expand(self.cfg.path(src.path), src.path, src.split):
-                rows = list(read_rows(inp))
-                fmt = self._source_format(inp, rows, src, f"{inp} ({where})")
-                taken: list[tuple[dict[str, Any], int, bool]] = []
-                formats: set[str] = set()
-                for row in rows:
-                    try:
-                        if row.error:
-                            raise RowError(row.error)
-                        assert row.record is not None
-                        row_fmt = fmt
-                        if not src.format or src.format == "auto":
-                            fits = candidates(row.record, src.columns)
-                            row_fmt = fits[0] if len(fits) == 1 else fmt
-                        taken.append(self._convert(stage, row.record, row_fmt, src))
-                        formats.add(row_fmt)
-                    except (RowError, TemplateError) as e:
-                        self.rejects.append(
-                            {
-                                "file": str(inp),
-                                "line": row.line,
-                                "reason": str(e),
-                                "stage": stage,
-                                "split": split,
-                            }
-                        )
+                res = self._process(stage, inp, src, where)
+                self.rejects.extend({**r, "stage": stage, "split": split} for r in res["rejects"])
+                taken = [tuple(t) for t in res["taken"]]
                 self.sources.append(
                     {
                         "stage": stage,
                         "split": split,
                         "file": str(inp),
-                        "format": ",".join(sorted(formats)) or fmt,
-                        "rows_in": len(rows),
+                        "format": res["format"],
+                        "rows_in": res["rows_in"],
                         "rows_accepted": len(taken),
-                        "rows_rejected": len(rows) - len(taken),
+                        "rows_rejected": res["rows_in"] - len(taken),
                         "weight": src.weight,
                     }
                 )
@@ -245,7 +352,7 @@ def prepare(cfg: Config, tokenizer: Any, smoke: bool = False, log: Callable[[str
             sp.rows, sp.lengths = sp.rows[:keep], sp.lengths[:keep]
         if name.endswith("_train") and not sp.rows:
             raise DataError(f"data.{name.split('_')[0]}.train: no usable rows (see data/rejects.jsonl)")
-    return Prepared(splits, p.sources, p.rejects)
+    return Prepared(splits, p.sources, p.rejects, p.cache_hits)
 
 
 def write_prepared(prep: Prepared, out_dir: Path) -> dict[str, Any]:

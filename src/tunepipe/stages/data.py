@@ -14,10 +14,13 @@ def run(ctx: StageContext) -> StageResult:
     tok = load_tokenizer(ctx.cfg, log=ctx.log)
     prep = prepare(ctx.cfg, tok, smoke=ctx.smoke, log=ctx.log)
     stats = write_prepared(prep, ctx.stage_dir("data"))
+    if prep.cache_hits:
+        ctx.log(f"  {prep.cache_hits} of {len(prep.sources)} sources unchanged: taken from the cache")
+    ctx.log(f"  {'split':10s} {'format':20s} {'rows in':>8s} {'accepted':>8s} {'rejected':>8s}  file")
     for s in stats["sources"]:
         ctx.log(
-            f"  {s['stage']}/{s['split']:5s} {s['file']}  format={s['format']}  "
-            f"in={s['rows_in']} accepted={s['rows_accepted']} rejected={s['rows_rejected']}"
+            f"  {s['stage'] + '/' + s['split']:10s} {s['format']:20s} {s['rows_in']:8d} "
+            f"{s['rows_accepted']:8d} {s['rows_rejected']:8d}  {s['file']}"
         )
     for r in prep.rejects[:5]:
         ctx.log(f"  rejected {r['file']}:{r['line']}: {r['reason']}")
