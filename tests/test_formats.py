@@ -89,6 +89,10 @@ def test_tsv_parquet_folder_glob_and_saved_dataset(tmp_path, tiny_qwen3, tiny_to
     write_jsonl(tmp_path / "dir" / "x.jsonl", [{"prompt": "a", "completion": "b"}])
     write_jsonl(tmp_path / "dir" / "sub" / "y.jsonl", [{"prompt": "c", "completion": "d"}])
     datasets.Dataset.from_list([{"prompt": "e", "completion": "f"}]).save_to_disk(str(tmp_path / "saved"))
+    # A saved dataset inside a data folder is read as a dataset, not as its loose .json metadata files.
+    datasets.Dataset.from_list([{"prompt": "g", "completion": "h"}]).save_to_disk(
+        str(tmp_path / "dir" / "ds")
+    )
     prep = _prepare(
         tmp_path,
         tiny_qwen3,
@@ -99,7 +103,8 @@ def test_tsv_parquet_folder_glob_and_saved_dataset(tmp_path, tiny_qwen3, tiny_to
     assert formats == [
         ("t.tsv", "alpaca", 1),
         ("p.parquet", "text", 2),
-        ("y.jsonl", "prompt_completion", 1),  # files in path order: dir/sub/y.jsonl < dir/x.jsonl
+        ("ds", "prompt_completion", 1),  # in path order: dir/ds < dir/sub/y.jsonl < dir/x.jsonl
+        ("y.jsonl", "prompt_completion", 1),
         ("x.jsonl", "prompt_completion", 1),
         ("y.jsonl", "prompt_completion", 1),
         ("x.jsonl", "prompt_completion", 1),

@@ -67,17 +67,27 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in _SAVED_MARKERS)
 
 
+def _inside(p: Path, folders: list[Path]) -> bool:
+    return any(d in p.parents for d in folders)
+
+
 def expand(path: Path, raw: str | None = None, split: str | None = None) -> list[Input]:
     """A source path (resolved against the config) -> its inputs, sorted. `raw` is the path as the
     user wrote it, used to recognise hub ids."""
     text = str(path)
     if any(ch in text for ch in "*?["):
         files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
-        files = [f for f in files if f.is_file() or is_saved_dataset(f)]
+        saved = [f for f in files if is_saved_dataset(f)]
+        files = [f for f in files if (f.is_file() and not _inside(f, saved)) or f in saved]
     elif is_saved_dataset(path):
         return [Input("saved", str(path), split)]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+        # save_to_disk folders inside are datasets, not loose .json files.
+        saved = [d for d in path.rglob("*") if is_saved_dataset(d)]
+        files = sorted(
+            [p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED and not _inside(p, saved)]
+            + saved
+        )
     elif path.is_file():
         files = [path]
     elif raw and HUB_ID.match(raw) and not raw.startswith((".", "/")):
