@@ -315,3 +315,46 @@ def test_non_ascii_text_is_unchanged_through_loading_templating_and_rejects(
     assert row["messages"] == zh
     assert tiny_tokenizer.decode(row["input_ids"]) == tiny_tokenizer.apply_chat_template(zh, tokenize=False)
     assert "'用户'" in prep.rejects[0]["reason"]
+
+
+def test_tokenizer_without_template_is_one_clear_error_and_chatml_by_name_fixes_it(
+    tmp_path, tiny_qwen3, tiny_tokenizer
+) -> None:
+    from tunepipe.modeling import load_tokenizer
+
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}] * 3)
+    bare = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(DataError, match=r"c.jsonl: .*has no chat template.*model.chat_template"):
+        _prepare(tmp_path, tiny_qwen3, bare, sft="c.jsonl")
+    # Plain text needs no template.
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "just text"}])
+    assert len(_prepare(tmp_path, tiny_qwen3, bare, sft="t.jsonl").splits["sft_train"].rows) == 1
+    cfg = load_config(tmp_path / "cfg.yaml", ["model.chat_template=chatml"])
+    tok = load_tokenizer(cfg, log=lambda _m: None)
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == (
+        "<|im_start|>user\nx<|im_end|>\n"
+    )
+
+
+def test_weights_and_seeded_eval_split(tmp_path, tiny_qwen3, tiny_tokenizer) -> None:
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
+    write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(10)])
+    srcs = [{"path": "a.jsonl", "weight": 0.5}, {"path": "b.jsonl", "weight": 2}]
+    prep = _prepare(tmp_path, tiny_qwen3, tiny_tokenizer, sft=srcs)
+    prompts = [c[0]["content"] for c in _convs(prep)]
+    assert sum(p.startswith("a") for p in prompts) == 5 and sum(p.startswith("b") for p in prompts) == 20
+    assert [s["rows_in"] for s in prep.sources] == [10, 10]  # weights never hide rows from the stats
+
+    def split(seed: int) -> list[str]:
+        cfg = yaml.safe_load((tmp_path / "cfg.yaml").read_text())
+        cfg["data"]["sft"] = {"train": "a.jsonl", "eval_split": 0.3}
+        cfg["data"]["seed"] = seed
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        prep = prepare(load_config(tmp_path / "cfg.yaml"), tiny_tokenizer, log=lambda _m: None)
+        train = [r["messages"][0]["content"] for r in prep.splits["sft_train"].rows]
+        ev = [r["messages"][0]["content"] for r in prep.splits["sft_eval"].rows]
+        assert len(ev) == 3 and len(train) == 7 and not set(ev) & set(train)
+        return ev
+
+    assert split(1) == split(1) and split(1) != split(2)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .compat import dtype_kwarg
-from .config import Config, ModelConfig, StageTrainingConfig
+from .config import Config, ConfigError, ModelConfig, StageTrainingConfig
 from .quickstart.model import resolve_model_path
 
 
@@ -96,6 +96,30 @@ def model_path(cfg: Config, log: Any = print) -> str:
     return resolve_model_path(cfg.model.name_or_path, log=log)
 
 
+# Templates by name for `model.chat_template`; anything else is a file path or the template text.
+NAMED_TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(cfg: Config) -> str:
+    value = cfg.model.chat_template or ""
+    if value in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[value]
+    p = cfg.path(value)
+    if p.is_file():
+        return p.read_text(encoding="utf-8")
+    if "{%" in value or "{{" in value:
+        return value
+    raise ConfigError(
+        f"{cfg.source}: model.chat_template {value!r} is not a file, a template, or a known name "
+        f"({', '.join(NAMED_TEMPLATES)})"
+    )
+
+
 def load_tokenizer(cfg: Config, path: str | None = None, log: Any = print) -> Any:
     from transformers import AutoTokenizer
 
@@ -104,8 +128,7 @@ def load_tokenizer(cfg: Config, path: str | None = None, log: Any = print) -> An
         path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
     if cfg.model.chat_template:
-        p = cfg.path(cfg.model.chat_template)
-        tok.chat_template = p.read_text() if p.is_file() else cfg.model.chat_template
+        tok.chat_template = resolve_chat_template(cfg)
     if tok.pad_token is None:
         # Padding is masked out everywhere; reusing EOS is the common, safe choice.
         tok.pad_token = tok.eos_token

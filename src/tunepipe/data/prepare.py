@@ -249,6 +249,11 @@ class _Preparer:
                 formats.add(row_fmt)
             except RowError as e:
                 reject(row, e)
+        if not getattr(self.tok, "chat_template", None) and any(kind != "text" for _, (kind, _) in items):
+            raise DataError(
+                f"{inp}: the tokenizer of {self.cfg.model.name_or_path} has no chat template, which "
+                "conversations need; set model.chat_template to a .jinja file, the template text, or chatml"
+            )
         taken = []
         for (row, (kind, obj)), seqs in zip(items, self._tokenize([it for _, it in items]), strict=True):
             try:
