@@ -109,6 +109,7 @@ def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
 
     if arch != "qwen3":
         return
+    _export_equals_adapter_model(cfg, run, tmp_path / "exported")
     changed = tunepipe("run", cfg, "--smoke", "sft.learning_rate=5e-3")
     assert changed.returncode == 0, changed.stdout[-3000:]
     assert _skipped(changed.stdout) == ["data"] and _ran(changed.stdout) == ["sft", "dpo", "eval", "report"]
@@ -138,3 +139,32 @@ def test_single_stage_commands_and_missing_upstream(tmp_path: Path, tiny_qwen3: 
     assert "[[" not in first.split("<|im_start|>assistant")[0]  # nothing before the reply is trained
     stats = json.loads((tmp_path / "runs" / "test-smoke" / "data" / "stats.json").read_text())
     assert stats["rejected"] == 0 and stats["splits"]["sft_train"]["rows"] > 0
+
+
+def _export_equals_adapter_model(cfg: Path, run: Path, out: Path) -> None:
+    """The exported folder loads with plain transformers and generates what the adapters generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunepipe.config import load_config
+    from tunepipe.evaluation import generate
+    from tunepipe.modeling import load_stage_model, plan_for
+
+    r = tunepipe("export", cfg, "--smoke", "--stage", "dpo", "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    c = load_config(cfg)
+    adapters = load_stage_model(c, plan_for(c.model), run, "dpo", log=lambda _m: None).eval()
+    questions = [
+        "What is 12 + 30?",
+        "Sort in ascending order: 9, 2, 5",
+        "Convert 3 kg to grams.",
+        "Write 'red fox' in capital letters.",
+        "Reverse the order of these words: a b c",
+    ]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in questions
+    ]
+    assert generate(exported, tok, prompts, 8, 5) == generate(adapters, tok, prompts, 8, 5)

@@ -170,6 +170,35 @@ def report(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = Fal
     _run(config, overrides, stages=["report"], smoke=smoke)
 
 
+@app.command()
+def export(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    stage: Annotated[str, typer.Option("--stage", help="sft or dpo")] = "dpo",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="folder to write (default <output_dir>/export-<stage>)")
+    ] = None,
+    smoke: SmokeOpt = False,
+) -> None:
+    """Merge the run's adapters into a standalone safetensors model folder with its tokenizer."""
+    from .export import export_model
+    from .pipeline import run_dir_for
+
+    if stage not in ("sft", "dpo"):
+        err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        cfg = load_config(config, overrides or [])
+        run_dir = run_dir_for(cfg, smoke)
+        export_model(cfg, run_dir, stage, out or run_dir / f"export-{stage}", log=_echo)
+    except FileNotFoundError as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except _bad_input_types() as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
 @app.command("quickstart-data")
 def quickstart_data(
     out: Annotated[Path, typer.Argument(help="folder for the generated JSONL files")],
