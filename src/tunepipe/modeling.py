@@ -135,10 +135,11 @@ def load_tokenizer(cfg: Config, path: str | None = None, log: Any = print) -> An
     return tok
 
 
-def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = print) -> Any:
+def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """from_pretrained arguments for this plan; `env` is the process environment (DDP variables)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    env = dict(os.environ) if env is None else env
     kwargs: dict[str, Any] = {
         "revision": cfg.model.revision,
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -146,8 +147,6 @@ def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = prin
         **dtype_kwarg(getattr(torch, plan.dtype)),
     }
     if cfg.model.load_in_4bit:
-        if plan.device != "cuda":
-            raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -156,10 +155,19 @@ def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = prin
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
         )
-    if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in os.environ):
-        # Under DDP every process must own its whole model copy on its own GPU.
-        kwargs["device_map"] = {"": local_rank()}
-    return AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **kwargs)
+    if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in env):
+        # Under DDP every process must own its whole model copy on its own GPU; device_map="auto"
+        # would spread one copy over all GPUs and DDP then fails (or 4-bit loads on the wrong one).
+        kwargs["device_map"] = {"": int(env.get("LOCAL_RANK", "0"))}
+    return kwargs
+
+
+def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = print) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model.load_in_4bit and plan.device != "cuda":
+        raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU")
+    return AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **load_kwargs(cfg, plan))
 
 
 def lora_config(stage_cfg: StageTrainingConfig) -> Any:
