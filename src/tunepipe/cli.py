@@ -55,7 +55,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
 
 
 def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
-    from .stages import GateFailed
+    from .stages import GateFailed, StageStopped
 
     bad_input = _bad_input_types()
     try:
@@ -73,6 +73,9 @@ def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
     except GateFailed as e:
         err_console.print(f"gate failed: {e}", markup=False)
         raise typer.Exit(EXIT_GATE) from None
+    except StageStopped as e:
+        err_console.print(f"stopped: {e}", markup=False)
+        raise typer.Exit(EXIT_STOPPED) from None
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         raise typer.Exit(130) from None

@@ -34,24 +34,29 @@ class ProjectConfig(Section):
 
 
 _DURATION = re.compile(
-    r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*$"
+    r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?"
+    r"\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$"
 )
 
 
 def parse_duration(text: str) -> float:
-    """'24h', '1h30m', '90m', '2d' -> seconds."""
+    """'24h', '1h30m', '90m', '60s', '2d' -> seconds."""
     m = _DURATION.match(text)
     if not text.strip() or not m or not any(m.groups()):
-        raise ValueError(f"cannot read duration {text!r}; write it like '24h', '1h30m' or '90m'")
-    d, h, mins = (float(g) if g else 0.0 for g in m.groups())
-    return d * 86400 + h * 3600 + mins * 60
+        raise ValueError(f"cannot read duration {text!r}; write it like '24h', '1h30m', '90m' or '60s'")
+    d, h, mins, secs = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mins * 60 + secs
 
 
 class HardwareConfig(Section):
     gpus: int = Field(0, ge=0, description="GPUs per node the run is planned for (0 = CPU)")
     gpu_memory_gb: float | None = Field(None, gt=0)
     nodes: int = Field(1, ge=1)
-    time_limit: str | None = None  # e.g. "24h"
+    time_limit: str | None = None  # e.g. "24h": the whole pipeline, per `tunepipe run`
+    # How the time left is shared out among the stages still to run (normalised over those).
+    time_shares: dict[Literal["data", "sft", "dpo", "eval", "report"], float] = Field(
+        default_factory=lambda: {"data": 0.05, "sft": 0.5, "dpo": 0.3, "eval": 0.12, "report": 0.03}
+    )
 
     @field_validator("time_limit")
     @classmethod
@@ -144,8 +149,10 @@ class TrainingConfig(Section):
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    save_steps: int | None = None  # None = at the end only
-    save_total_limit: int = 2
+    # A complete checkpoint every N optimizer steps: a crash or a stop costs at most N steps.
+    save_steps: int | None = Field(50, ge=1)  # None = no intermediate checkpoints
+    # Complete checkpoints kept (>= 2, so the newest complete one survives a crash in the next save).
+    save_total_limit: int = Field(2, ge=2)
 
 
 class LoraConfig(Section):

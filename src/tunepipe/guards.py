@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,20 @@ from transformers import TrainerCallback
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every logged training step to `<stage>/log.jsonl`: {"step", "loss", ...}."""
+    """Append every logged training step to `<stage>/log.jsonl`: {"step", "loss", ...}.
 
-    def __init__(self, path: Path):
+    Resuming from step S keeps the rows up to S and drops those logged after it (the resumed run
+    logs them again), so the file continues without duplicated steps."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        kept = []
+        if resume_step and path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line + "\n")
+        self.path.write_text("".join(kept))
         self.t0 = time.time()
 
     def on_log(
@@ -50,4 +61,90 @@ class NonFiniteLossGuard(TrainerCallback):
         loss = (logs or {}).get("loss")
         if isinstance(loss, float) and not math.isfinite(loss) and self.bad_step is None:
             self.bad_step = state.global_step
+            control.should_training_stop = True
+
+
+COMPLETE = "tunepipe-complete.json"
+
+
+def fault(kind: str, stage: str) -> int | None:
+    """Fault injection for tests: TUNEPIPE_FAULT="<kind>:<stage>:<step>" -> the step, else None."""
+    spec = os.environ.get("TUNEPIPE_FAULT", "")
+    for item in spec.split(","):
+        parts = item.split(":")
+        if len(parts) == 3 and parts[0] == kind and parts[1] == stage:
+            return int(parts[2])
+    return None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete once the trainer has written all of it (weights, optimizer,
+    scheduler, RNG, trainer state): files fsynced, then the marker written atomically. Resume only
+    trusts marked checkpoints, so a crash in the middle of a save never yields a half checkpoint."""
+
+    def __init__(self, stage: str, fingerprint: str):
+        self.stage = stage
+        self.fingerprint = fingerprint
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        if fault("kill_in_save", self.stage) == state.global_step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: files written, marker not yet
+        _fsync_tree(ckpt)
+        tmp = ckpt / f".{COMPLETE}.tmp"
+        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fingerprint}))
+        os.replace(tmp, ckpt / COMPLETE)
+
+
+class StopRequest(TrainerCallback):
+    """Stops training at the next step boundary with a checkpoint, for a signal or the time budget.
+
+    `reason` is set when a stop was requested; the stage then reports exit 75 (resume later)."""
+
+    def __init__(self, deadline: float | None = None, margin_s: float = 0.0):
+        self.deadline = deadline
+        self.margin_s = margin_s
+        self.reason: str | None = None
+        self.step_times: list[float] = []
+        self._t: float | None = None
+        self._old_handlers: dict[int, Any] = {}
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers there
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reason = f"signal {signal.Signals(signum).name}"
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._t = time.time()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._t is not None:
+            self.step_times.append(time.time() - self._t)
+        if self.reason is None and self.deadline is not None and len(self.step_times) >= 2:
+            # After warm-up, the measured step time says whether one more step and a save still fit.
+            recent = self.step_times[-5:]
+            step = sum(recent) / len(recent)
+            if time.time() + 2 * step + self.margin_s > self.deadline:
+                self.reason = f"time budget: stopping at step {state.global_step} ({step:.1f} s/step)"
+        if self.reason is not None:
+            control.should_save = True
             control.should_training_stop = True

@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import Config, dump_resolved
 from .data.sources import SourceError, expand
-from .stages import GateFailed, StageContext, StageResult, write_stage_json
+from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
 
 MODEL_KEYS = [
     "model.name_or_path",
@@ -294,6 +294,8 @@ def run_pipeline(
     state.data["config"] = cfg.source
     log = StageLog(run_dir, echo)
     code = code_version()
+    limit = cfg.hardware.time_limit_s
+    budget_end = time.time() + limit if limit else None
     selected = stages or ORDER
     if from_stage:
         selected = ORDER[ORDER.index(from_stage) :]
@@ -325,13 +327,37 @@ def run_pipeline(
         if not env_written:
             write_env(run_dir)
             env_written = True
-        outcome[name] = _run_stage(cfg, name, fp, run_dir, state, log, smoke)
+        deadline = _stage_deadline(cfg, name, selected, budget_end)
+        outcome[name] = _run_stage(cfg, name, fp, run_dir, state, log, smoke, deadline)
     log.close()
     return outcome
 
 
+def _stage_deadline(cfg: Config, name: str, selected: list[str], budget_end: float | None) -> float | None:
+    """This stage's share of the time left: shares of the stages still to run, normalised."""
+    if budget_end is None:
+        return None
+    left = budget_end - time.time()
+    if left <= 0:
+        raise StageStopped(
+            f"[{name}] not started: hardware.time_limit {cfg.hardware.time_limit} is used up; "
+            "run again to continue"
+        )
+    shares = cfg.hardware.time_shares
+    todo = [s for s in ORDER[ORDER.index(name) :] if s in selected and enabled(cfg, s)]
+    total = sum(shares.get(s, 0.0) for s in todo) or 1.0
+    return time.time() + left * shares.get(name, 0.0) / total
+
+
 def _run_stage(
-    cfg: Config, name: str, fp: str, run_dir: Path, state: State, log: StageLog, smoke: bool
+    cfg: Config,
+    name: str,
+    fp: str,
+    run_dir: Path,
+    state: State,
+    log: StageLog,
+    smoke: bool,
+    deadline: float | None = None,
 ) -> str:
     spec = STAGES[name]
     log.open(name)
@@ -345,10 +371,15 @@ def _run_stage(
     stage_dir = run_dir / spec.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "stage.json").unlink(missing_ok=True)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, smoke=smoke, log=log)
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, smoke=smoke, log=log, fingerprint=fp, deadline=deadline)
     try:
         module = importlib.import_module(spec.module)
         result: StageResult = module.run(ctx)
+    except StageStopped as e:
+        state.set(name, status="stopped", seconds=round(time.time() - started, 1), error=str(e))
+        log(str(e))
+        log.close()
+        raise
     except BaseException as e:
         state.set(
             name,

@@ -10,8 +10,11 @@ from typing import Any
 
 from .compat import warmup_kwargs
 from .config import Config, StageTrainingConfig
+from .guards import COMPLETE, CheckpointMarker, JsonlLogCallback, NonFiniteLossGuard, StopRequest
 from .modeling import Plan
-from .stages import Gate
+from .stages import Gate, StageContext, StageStopped
+
+SAVE_MARGIN_S = 5.0  # time kept free before a deadline for the last checkpoint save
 
 SMOKE_STEPS = 3
 
@@ -95,3 +98,59 @@ def save_adapter(model: Any, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
+
+
+def _step_of(ckpt: Path) -> int:
+    return int(ckpt.name.rsplit("-", 1)[-1])
+
+
+def resume_point(stage_dir: Path, fingerprint: str, log: Any = print) -> Path | None:
+    """The newest complete checkpoint of this stage under the same inputs, or None.
+
+    Checkpoints made under other inputs (config, data, code) are removed: resuming them would mix two
+    runs. Checkpoints without the completion marker were interrupted mid-save and are removed too."""
+    ckdir = stage_dir / "checkpoints"
+    stamp = ckdir / "fingerprint.txt"
+    if ckdir.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
+        log(f"checkpoints in {ckdir} were made with other inputs: starting over")
+        shutil.rmtree(ckdir)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    complete = []
+    for d in sorted(ckdir.glob("checkpoint-*")):
+        if (d / COMPLETE).is_file():
+            complete.append(d)
+        else:
+            log(f"ignoring {d.name}: interrupted while being saved")
+            shutil.rmtree(d)
+    return max(complete, key=_step_of) if complete else None
+
+
+class Training:
+    """The callbacks every training stage uses, and the run with resume, stop and exit 75.
+
+    SFT and DPO build their TRL trainer with `callbacks` and hand it to `run`."""
+
+    def __init__(self, ctx: StageContext, stage: str, stage_dir: Path):
+        self.ctx, self.stage = ctx, stage
+        self.resume = resume_point(stage_dir, ctx.fingerprint, ctx.log)
+        self.resume_step = _step_of(self.resume) if self.resume else 0
+        self.log_cb = JsonlLogCallback(stage_dir / "log.jsonl", self.resume_step)
+        self.nan = NonFiniteLossGuard()
+        self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
+        self.callbacks = [self.log_cb, self.nan, CheckpointMarker(stage, ctx.fingerprint), self.stop]
+
+    def run(self, trainer: Any) -> Any:
+        if self.resume:
+            self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
+        self.stop.install_signal_handlers()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        finally:
+            self.stop.restore_signal_handlers()
+        if self.stop.reason:
+            raise StageStopped(
+                f"[{self.stage}] stopped at step {trainer.state.global_step} ({self.stop.reason}) with a "
+                "complete checkpoint; run the same command again to resume"
+            )
+        return result

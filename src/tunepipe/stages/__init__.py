@@ -17,6 +17,11 @@ class GateFailed(Exception):
     """A stage ran but its gate did not pass (exit code 3)."""
 
 
+class StageStopped(Exception):
+    """Training stopped early with a complete checkpoint (time budget or signal): exit 75, and the
+    next `tunepipe run` resumes from that checkpoint."""
+
+
 @dataclass
 class Gate:
     name: str
@@ -40,6 +45,8 @@ class StageContext:
     run_dir: Path
     smoke: bool = False
     log: Callable[[str], None] = print
+    fingerprint: str = ""  # the stage's input fingerprint: checkpoints are only resumed under the same one
+    deadline: float | None = None  # time.time() by which a training stage must have stopped (time budget)
 
     def stage_dir(self, name: str) -> Path:
         d = self.run_dir / name

@@ -12,9 +12,8 @@ from typing import Any
 from .. import compat
 from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
-from ..guards import JsonlLogCallback, NonFiniteLossGuard
 from ..modeling import load_stage_model, load_tokenizer, lora_config, plan_for
-from ..training import loss_gate, read_log, save_adapter, trainer_args
+from ..training import Training, loss_gate, read_log, save_adapter, trainer_args
 from . import StageContext, StageResult
 
 
@@ -45,7 +44,7 @@ def run(ctx: StageContext) -> StageResult:
         **_loss_kwargs(d),
         **trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke),
     )
-    guard = NonFiniteLossGuard()
+    training = Training(ctx, "dpo", out)
     trainer = compat.build(
         DPOTrainer,
         log=ctx.log,
@@ -55,9 +54,9 @@ def run(ctx: StageContext) -> StageResult:
         train_dataset=train,
         processing_class=tok,
         peft_config=lora_config(d),
-        callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
+        callbacks=training.callbacks,
     )
-    result = trainer.train()
+    result = training.run(trainer)
     save_adapter(trainer.model, out / "adapter")
 
     log_rows = read_log(out / "log.jsonl")

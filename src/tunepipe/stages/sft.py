@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from .. import compat
 from ..data.prepare import read_split
-from ..guards import JsonlLogCallback, NonFiniteLossGuard
 from ..modeling import load_model, load_tokenizer, lora_config, plan_for
-from ..training import loss_gate, read_log, save_adapter, trainer_args
+from ..training import Training, loss_gate, read_log, save_adapter, trainer_args
 from . import StageContext, StageResult
 
 
@@ -34,7 +33,7 @@ def run(ctx: StageContext) -> StageResult:
         packing=cfg.sft.packing,
         **trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke),
     )
-    guard = NonFiniteLossGuard()
+    training = Training(ctx, "sft", out)
     trainer = compat.build(
         SFTTrainer,
         log=ctx.log,
@@ -43,9 +42,9 @@ def run(ctx: StageContext) -> StageResult:
         train_dataset=train,
         processing_class=tok,
         peft_config=lora_config(cfg.sft),
-        callbacks=[JsonlLogCallback(out / "log.jsonl"), guard],
+        callbacks=training.callbacks,
     )
-    result = trainer.train()
+    result = training.run(trainer)
     save_adapter(trainer.model, out / "adapter")
 
     log_rows = read_log(out / "log.jsonl")
