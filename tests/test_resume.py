@@ -97,3 +97,66 @@ def test_kill_9_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_path
     # Retention: at most save_total_limit complete checkpoints remain, the newest among them.
     kept = sorted(int(p.name.split("-")[1]) for p in (run / "sft" / "checkpoints").glob("checkpoint-*"))
     assert len(kept) <= 2 and kept[-1] == STEPS
+
+
+def test_injected_oom_halves_the_micro_batch_and_doubles_accumulation(tmp_path: Path, tiny_qwen3: Path):
+    cfg = write_config(
+        tmp_path,
+        tiny_qwen3,
+        project={"name": "oom", "output_dir": "runs/oom"},
+        training={"save_steps": 2, "logging_steps": 1},
+        sft={"max_steps": 8, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        dpo={"max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+    )
+    # CPU has no out-of-memory error to provoke: the fault hook raises torch.OutOfMemoryError at the step.
+    r = subprocess.run(
+        _cmd(cfg, "run"), env=_env(TUNEPIPE_FAULT="oom:sft:5,oom:dpo:2"), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "out of memory at step 4: micro-batch 4 -> 2, gradient accumulation 1 -> 2" in r.stdout
+    assert "out of memory at step 1: micro-batch 2 -> 1, gradient accumulation 2 -> 4" in r.stdout
+    run = tmp_path / "runs" / "oom"
+    sft = json.loads((run / "sft" / "stage.json").read_text())["outputs"]
+    assert (sft["per_device_train_batch_size"], sft["gradient_accumulation_steps"], sft["steps"]) == (2, 2, 8)
+    dpo = json.loads((run / "dpo" / "stage.json").read_text())["outputs"]
+    assert (dpo["per_device_train_batch_size"], dpo["gradient_accumulation_steps"], dpo["steps"]) == (1, 4, 4)
+    # Training went on from the checkpoint at step 4: every step logged once.
+    assert sorted(_losses(run)) == list(range(1, 9))
+
+
+def test_time_limit_stops_with_a_checkpoint_and_exit_75_then_a_second_run_finishes(
+    tmp_path: Path, tiny_qwen3: Path
+):
+    cfg = write_config(
+        tmp_path,
+        tiny_qwen3,
+        project={"name": "budget", "output_dir": "runs/budget"},
+        hardware={"time_limit": "40s"},
+        training={"save_steps": 1000, "logging_steps": 1},
+        sft={"max_steps": 120},
+        dpo={"enabled": False},
+        eval={"models": ["base", "sft"]},
+    )
+    run = tmp_path / "runs" / "budget"
+    # 250 ms per step: 120 steps need 30 s, more than the SFT share of a 40 s budget.
+    env = _env(TUNEPIPE_FAULT="slow_step:sft:250")
+    first = subprocess.run(_cmd(cfg, "run"), env=env, capture_output=True, text=True)
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    state = json.loads((run / "pipeline.json").read_text())
+    sft = state["stages"]["sft"]
+    assert sft["status"] == "stopped" and sft["stopped_at"] < state["budget_end"]
+    ckpts = [
+        p
+        for p in (run / "sft" / "checkpoints").glob("checkpoint-*")
+        if (p / "tunepipe-complete.json").exists()
+    ]
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert 0 < stopped_at < 120 and max(_losses(run)) == stopped_at
+    assert not (run / "sft" / "adapter").exists()  # no adapter from an unfinished stage
+
+    second = subprocess.run(_cmd(cfg, "run"), env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from checkpoint-{stopped_at}" in second.stdout
+    assert sorted(_losses(run)) == list(range(1, 121))
+    assert (run / "report" / "report.md").is_file()

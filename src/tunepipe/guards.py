@@ -148,3 +148,29 @@ class StopRequest(TrainerCallback):
         if self.reason is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+_FIRED: set[str] = set()  # faults fire once per process, also across trainer rebuilds
+
+
+class FaultInjector(TrainerCallback):
+    """Test hooks, active only when TUNEPIPE_FAULT is set: `oom:<stage>:<step>` raises a CUDA-style
+    out-of-memory error at that step (CPU has no such error to provoke), `slow_step:<stage>:<ms>`
+    makes every step take at least that long (a long training on a tiny model)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        import torch
+
+        step = fault("oom", self.stage)
+        key = f"oom:{self.stage}:{step}"
+        if step is not None and state.global_step + 1 == step and key not in _FIRED:
+            _FIRED.add(key)
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by TUNEPIPE_FAULT={key})")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        ms = fault("slow_step", self.stage)
+        if ms:
+            time.sleep(ms / 1000)

@@ -296,6 +296,7 @@ def run_pipeline(
     code = code_version()
     limit = cfg.hardware.time_limit_s
     budget_end = time.time() + limit if limit else None
+    state.data["budget_end"] = budget_end  # this invocation's deadline (hardware.time_limit from its start)
     selected = stages or ORDER
     if from_stage:
         selected = ORDER[ORDER.index(from_stage) :]
@@ -376,7 +377,13 @@ def _run_stage(
         module = importlib.import_module(spec.module)
         result: StageResult = module.run(ctx)
     except StageStopped as e:
-        state.set(name, status="stopped", seconds=round(time.time() - started, 1), error=str(e))
+        state.set(
+            name,
+            status="stopped",
+            seconds=round(time.time() - started, 1),
+            error=str(e),
+            stopped_at=time.time(),
+        )
         log(str(e))
         log.close()
         raise

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .compat import warmup_kwargs
 from .config import Config, StageTrainingConfig
-from .guards import COMPLETE, CheckpointMarker, JsonlLogCallback, NonFiniteLossGuard, StopRequest
+from .guards import (
+    COMPLETE,
+    CheckpointMarker,
+    FaultInjector,
+    JsonlLogCallback,
+    NonFiniteLossGuard,
+    StopRequest,
+)
 from .modeling import Plan
 from .stages import Gate, StageContext, StageStopped
 
@@ -126,31 +134,90 @@ def resume_point(stage_dir: Path, fingerprint: str, log: Any = print) -> Path | 
     return max(complete, key=_step_of) if complete else None
 
 
-class Training:
-    """The callbacks every training stage uses, and the run with resume, stop and exit 75.
+def is_oom(e: BaseException) -> bool:
+    import torch
 
-    SFT and DPO build their TRL trainer with `callbacks` and hand it to `run`."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    )
+
+
+class OutOfMemory(Exception):
+    """Out of memory even at micro-batch 1: the message lists what else reduces memory."""
+
+
+class Training:
+    """The callbacks every training stage uses, and the run with resume, OOM recovery and exit 75.
+
+    A stage hands `run` a function building its TRL trainer for a (micro-batch, accumulation) pair
+    with `self.callbacks`; on out-of-memory the batch is halved and accumulation doubled (the same
+    effective batch) and training continues from the newest complete checkpoint."""
 
     def __init__(self, ctx: StageContext, stage: str, stage_dir: Path):
-        self.ctx, self.stage = ctx, stage
-        self.resume = resume_point(stage_dir, ctx.fingerprint, ctx.log)
-        self.resume_step = _step_of(self.resume) if self.resume else 0
-        self.log_cb = JsonlLogCallback(stage_dir / "log.jsonl", self.resume_step)
+        self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
         self.nan = NonFiniteLossGuard()
         self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
-        self.callbacks = [self.log_cb, self.nan, CheckpointMarker(stage, ctx.fingerprint), self.stop]
+        self.batch_changes: list[str] = []
+        self._prepare()
 
-    def run(self, trainer: Any) -> Any:
-        if self.resume:
-            self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
-        self.stop.install_signal_handlers()
-        try:
-            result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
-        finally:
-            self.stop.restore_signal_handlers()
+    def _prepare(self) -> None:
+        self.resume = resume_point(self.stage_dir, self.ctx.fingerprint, self.ctx.log)
+        self.resume_step = _step_of(self.resume) if self.resume else 0
+        self.log_cb = JsonlLogCallback(self.stage_dir / "log.jsonl", self.resume_step)
+        self.callbacks = [
+            self.log_cb,
+            self.nan,
+            CheckpointMarker(self.stage, self.ctx.fingerprint),
+            self.stop,
+            FaultInjector(self.stage),
+        ]
+
+    def run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
+        while True:
+            trainer = build(batch, accum)
+            if self.resume:
+                self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
+            self.stop.install_signal_handlers()
+            try:
+                result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+                self.trainer = trainer
+                break
+            except BaseException as e:
+                if not is_oom(e):
+                    raise
+                step = trainer.state.global_step
+                del trainer
+                _free_memory()
+                if batch == 1:
+                    raise OutOfMemory(
+                        f"[{self.stage}] out of memory at step {step} even with micro-batch 1. Options: "
+                        "method: qlora (model.load_in_4bit: true), a shorter data.max_length, "
+                        "gradient_checkpointing: true, fewer lora.target_modules, or a smaller model"
+                    ) from None
+                batch, accum = batch // 2, accum * 2
+                change = (
+                    f"out of memory at step {step}: micro-batch {batch * 2} -> {batch}, gradient "
+                    f"accumulation {accum // 2} -> {accum} (same effective batch)"
+                )
+                self.batch_changes.append(change)
+                self.ctx.log(f"{self.stage}: {change}; continuing from the newest complete checkpoint")
+                self._prepare()
+            finally:
+                self.stop.restore_signal_handlers()
+        self.batch, self.accum = batch, accum
         if self.stop.reason:
             raise StageStopped(
                 f"[{self.stage}] stopped at step {trainer.state.global_step} ({self.stop.reason}) with a "
                 "complete checkpoint; run the same command again to resume"
             )
         return result
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -34,30 +34,35 @@ def run(ctx: StageContext) -> StageResult:
     plan = plan_for(cfg.model)
     ctx.log(f"dpo: {len(rows)} pairs; {plan.reason}; attention: {plan.attn_reason}")
     tok = load_tokenizer(cfg, log=ctx.log)
-    model = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log)
-
     d = cfg.dpo
-    args = compat.build(
-        DPOConfig,
-        log=ctx.log,
-        beta=d.beta,
-        **_loss_kwargs(d),
-        **trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke),
-    )
+    base_args = trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke)
     training = Training(ctx, "dpo", out)
-    trainer = compat.build(
-        DPOTrainer,
-        log=ctx.log,
-        model=model,
-        ref_model=None,
-        args=args,
-        train_dataset=train,
-        processing_class=tok,
-        peft_config=lora_config(d),
-        callbacks=training.callbacks,
+
+    def build(batch: int, accum: int) -> Any:
+        args = compat.build(
+            DPOConfig,
+            log=ctx.log,
+            beta=d.beta,
+            **_loss_kwargs(d),
+            **{**base_args, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum},
+        )
+        return compat.build(
+            DPOTrainer,
+            log=ctx.log,
+            # A fresh merged SFT model per build: the trainer wraps it with a new LoRA adapter.
+            model=load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log),
+            ref_model=None,
+            args=args,
+            train_dataset=train,
+            processing_class=tok,
+            peft_config=lora_config(d),
+            callbacks=training.callbacks,
+        )
+
+    result = training.run(
+        build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    result = training.run(trainer)
-    save_adapter(trainer.model, out / "adapter")
+    save_adapter(training.trainer.model, out / "adapter")
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, require_falling=not ctx.smoke)
@@ -73,6 +78,9 @@ def run(ctx: StageContext) -> StageResult:
         gates=gates,
         outputs={
             "adapter": "dpo/adapter",
+            "per_device_train_batch_size": training.batch,
+            "gradient_accumulation_steps": training.accum,
+            "batch_changes": training.batch_changes,
             "base": ["sft/adapter"],
             "steps": result.global_step,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),

@@ -6,6 +6,8 @@ Reads the prepared `data/sft_train.jsonl` (input_ids + assistant-only labels) an
 
 from __future__ import annotations
 
+from typing import Any
+
 from .. import compat
 from ..data.prepare import read_split
 from ..modeling import load_model, load_tokenizer, lora_config, plan_for
@@ -25,27 +27,31 @@ def run(ctx: StageContext) -> StageResult:
     plan = plan_for(cfg.model)
     ctx.log(f"sft: {len(rows)} conversations; {plan.reason}; attention: {plan.attn_reason}")
     tok = load_tokenizer(cfg, log=ctx.log)
-    model = load_model(cfg, plan, log=ctx.log)
-
-    args = compat.build(
-        SFTConfig,
-        log=ctx.log,
-        packing=cfg.sft.packing,
-        **trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke),
-    )
+    base_args = trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke)
     training = Training(ctx, "sft", out)
-    trainer = compat.build(
-        SFTTrainer,
-        log=ctx.log,
-        model=model,
-        args=args,
-        train_dataset=train,
-        processing_class=tok,
-        peft_config=lora_config(cfg.sft),
-        callbacks=training.callbacks,
+
+    def build(batch: int, accum: int) -> Any:
+        args = compat.build(
+            SFTConfig,
+            log=ctx.log,
+            packing=cfg.sft.packing,
+            **{**base_args, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum},
+        )
+        return compat.build(
+            SFTTrainer,
+            log=ctx.log,
+            model=load_model(cfg, plan, log=ctx.log),
+            args=args,
+            train_dataset=train,
+            processing_class=tok,
+            peft_config=lora_config(cfg.sft),
+            callbacks=training.callbacks,
+        )
+
+    result = training.run(
+        build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    result = training.run(trainer)
-    save_adapter(trainer.model, out / "adapter")
+    save_adapter(training.trainer.model, out / "adapter")
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, require_falling=not ctx.smoke)
@@ -58,6 +64,9 @@ def run(ctx: StageContext) -> StageResult:
         outputs={
             "adapter": "sft/adapter",
             "steps": result.global_step,
+            "per_device_train_batch_size": training.batch,
+            "gradient_accumulation_steps": training.accum,
+            "batch_changes": training.batch_changes,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_tokens": sum(len(r["input_ids"]) for r in rows),
         },
