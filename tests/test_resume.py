@@ -160,3 +160,23 @@ def test_time_limit_stops_with_a_checkpoint_and_exit_75_then_a_second_run_finish
     assert f"resuming from checkpoint-{stopped_at}" in second.stdout
     assert sorted(_losses(run)) == list(range(1, 121))
     assert (run / "report" / "report.md").is_file()
+
+
+def test_nan_loss_stops_in_its_step_names_it_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_qwen3: Path):
+    cfg = write_config(
+        tmp_path,
+        tiny_qwen3,
+        project={"name": "nan", "output_dir": "runs/nan"},
+        training={"save_steps": 2, "logging_steps": 1},
+        sft={"max_steps": 8},
+    )
+    # A diverging run on a tiny model is not reproducible on every CPU: the hook makes step 5's loss NaN.
+    r = subprocess.run(_cmd(cfg, "run"), env=_env(TUNEPIPE_FAULT="nan:sft:5"), capture_output=True, text=True)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "loss is nan at step 5" in r.stderr and "checkpoint-4" in r.stderr
+    run = tmp_path / "runs" / "nan"
+    assert max(_losses(run)) == 4  # nothing logged or applied from the bad step
+    assert (run / "sft" / "checkpoints" / "checkpoint-4" / "tunepipe-complete.json").is_file()
+    assert not (run / "sft" / "adapter").exists()
+    state = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert state["sft"]["status"] == "failed" and "dpo" not in state or state["dpo"].get("status") != "done"

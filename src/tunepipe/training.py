@@ -18,9 +18,10 @@ from .guards import (
     JsonlLogCallback,
     NonFiniteLossGuard,
     StopRequest,
+    fault,
 )
 from .modeling import Plan
-from .stages import Gate, StageContext, StageStopped
+from .stages import Gate, GateFailed, StageContext, StageStopped
 
 SAVE_MARGIN_S = 5.0  # time kept free before a deadline for the last checkpoint save
 
@@ -66,6 +67,8 @@ def trainer_args(
         "gradient_checkpointing": bool(checkpointing),
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "dataloader_num_workers": 0,
+        # Log NaN/inf as they are; the default filter would average them away.
+        "logging_nan_inf_filter": False,
         "max_length": cfg.data.max_length,
         "disable_tqdm": False,
     }
@@ -172,9 +175,13 @@ class Training:
             FaultInjector(self.stage),
         ]
 
+    def _check_losses(self, trainer: Any) -> None:
+        _check_losses_of(trainer, self.stage)
+
     def run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
         while True:
             trainer = build(batch, accum)
+            self._check_losses(trainer)
             if self.resume:
                 self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
             self.stop.install_signal_handlers()
@@ -182,6 +189,17 @@ class Training:
                 result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
                 self.trainer = trainer
                 break
+            except NonFiniteLoss as e:
+                ckpt = resume_point(self.stage_dir, self.ctx.fingerprint, lambda _m: None)
+                raise GateFailed(
+                    f"[{self.stage}] loss is {e.value} at step {e.step}: training stopped there. "
+                    + (
+                        f"The last complete checkpoint is {ckpt.name}. "
+                        if ckpt
+                        else "No checkpoint was saved. "
+                    )
+                    + "Try a lower learning_rate, max_grad_norm, bf16 instead of fp16, or check the data."
+                ) from None
             except BaseException as e:
                 if not is_oom(e):
                     raise
@@ -211,6 +229,33 @@ class Training:
                 "complete checkpoint; run the same command again to resume"
             )
         return result
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"non-finite loss {value} at step {step}")
+        self.step, self.value = step, value
+
+
+def _check_losses_of(trainer: Any, stage: str) -> None:
+    """Wrap the trainer's compute_loss: a NaN/inf loss stops training in the step it appears, before
+    the optimizer applies it (the trainer's own logging would average it away or report it later)."""
+    import torch
+
+    compute = trainer.compute_loss
+
+    def checked(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        out = compute(model, inputs, *args, **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        step = trainer.state.global_step + 1
+        if fault("nan", stage) == step:  # test hook
+            loss = loss * float("nan")
+            out = (loss, *out[1:]) if isinstance(out, tuple) else loss
+        if not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLoss(step, float(loss.detach().float().mean()))
+        return out
+
+    trainer.compute_loss = checked
 
 
 def _free_memory() -> None:
