@@ -16,6 +16,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .dist import is_main
+
 
 class JsonlLogCallback(TrainerCallback):
     """Append every logged training step to `<stage>/log.jsonl`: {"step", "loss", ...}.
@@ -24,15 +26,17 @@ class JsonlLogCallback(TrainerCallback):
     logs them again), so the file continues without duplicated steps."""
 
     def __init__(self, path: Path, resume_step: int = 0):
+        self.t0 = time.time()
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
+        if not is_main():  # under DDP only the main process writes the log
+            return
         if resume_step and path.is_file():
             for line in path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line + "\n")
         self.path.write_text("".join(kept))
-        self.t0 = time.time()
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any

@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import Config, dump_resolved
 from .data.sources import SourceError, expand
+from .dist import is_main, rank
 from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
 
 MODEL_KEYS = [
@@ -195,6 +196,8 @@ class State:
         self.save()
 
     def save(self) -> None:
+        if not is_main():
+            return
         self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2))
@@ -210,6 +213,8 @@ def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
 
 
 def write_env(run_dir: Path) -> None:
+    if not is_main():
+        return
     pkgs = {}
     for p in (
         "tunepipe",
@@ -259,7 +264,8 @@ class StageLog:
 
     def open(self, stage: str) -> None:
         self.close()
-        self.file = (self.dir / f"{stage}.log").open("a", encoding="utf-8")
+        suffix = "" if is_main() else f".rank{rank()}"  # other processes of a DDP run: their own file
+        self.file = (self.dir / f"{stage}{suffix}.log").open("a", encoding="utf-8")
 
     def close(self) -> None:
         if self.file:
@@ -267,7 +273,8 @@ class StageLog:
             self.file = None
 
     def __call__(self, msg: str) -> None:
-        self.echo(msg)
+        if is_main():
+            self.echo(msg)
         if self.file:
             self.file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
             self.file.flush()
@@ -289,7 +296,8 @@ def run_pipeline(
     """
     run_dir = run_dir_for(cfg, smoke)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.resolved.yaml").write_text(dump_resolved(cfg))
+    if is_main():
+        (run_dir / "config.resolved.yaml").write_text(dump_resolved(cfg))
     state = State(run_dir)
     state.data["config"] = cfg.source
     log = StageLog(run_dir, echo)
@@ -400,7 +408,8 @@ def _run_stage(
         raise
     bad = result.failed_gates()
     status = "failed" if bad else "done"
-    write_stage_json(stage_dir, name, result, started, status)
+    if is_main():
+        write_stage_json(stage_dir, name, result, started, status)
     seconds = round(time.time() - started, 1)
     state.set(
         name,

@@ -11,6 +11,7 @@ from typing import Any
 
 from .compat import warmup_kwargs
 from .config import Config, StageTrainingConfig
+from .dist import is_main, world_size
 from .guards import (
     COMPLETE,
     CheckpointMarker,
@@ -67,6 +68,8 @@ def trainer_args(
         "gradient_checkpointing": bool(checkpointing),
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "dataloader_num_workers": 0,
+        # LoRA under DDP uses every trainable parameter in each step: skip DDP's unused-parameter scan.
+        "ddp_find_unused_parameters": False if world_size() > 1 else None,
         # Log NaN/inf as they are; the default filter would average them away.
         "logging_nan_inf_filter": False,
         "max_length": cfg.data.max_length,
@@ -103,6 +106,8 @@ def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
 
 def save_adapter(model: Any, dest: Path) -> None:
     """Write to a temp folder and rename, so an interrupted save never looks like a finished adapter."""
+    if not is_main():
+        return
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
@@ -122,18 +127,23 @@ def resume_point(stage_dir: Path, fingerprint: str, log: Any = print) -> Path | 
     runs. Checkpoints without the completion marker were interrupted mid-save and are removed too."""
     ckdir = stage_dir / "checkpoints"
     stamp = ckdir / "fingerprint.txt"
+    main = is_main()  # under DDP every process reads; only the main one cleans up
     if ckdir.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):
         log(f"checkpoints in {ckdir} were made with other inputs: starting over")
-        shutil.rmtree(ckdir)
-    ckdir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint)
+        if main:
+            shutil.rmtree(ckdir, ignore_errors=True)
+    same_inputs = stamp.is_file() and stamp.read_text() == fingerprint
     complete = []
-    for d in sorted(ckdir.glob("checkpoint-*")):
+    for d in sorted(ckdir.glob("checkpoint-*")) if same_inputs else []:
         if (d / COMPLETE).is_file():
             complete.append(d)
         else:
             log(f"ignoring {d.name}: interrupted while being saved")
-            shutil.rmtree(d)
+            if main:
+                shutil.rmtree(d, ignore_errors=True)
+    ckdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        stamp.write_text(fingerprint)
     return max(complete, key=_step_of) if complete else None
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from .. import compat
 from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
+from ..dist import world_size
 from ..modeling import load_stage_model, load_tokenizer, lora_config, plan_for
 from ..training import Training, loss_gate, read_log, save_adapter, trainer_args
 from . import StageContext, StageResult
@@ -81,6 +82,7 @@ def run(ctx: StageContext) -> StageResult:
             "per_device_train_batch_size": training.batch,
             "gradient_accumulation_steps": training.accum,
             "batch_changes": training.batch_changes,
+            "world_size": world_size(),
             "base": ["sft/adapter"],
             "steps": result.global_step,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
