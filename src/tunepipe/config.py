@@ -164,7 +164,10 @@ class LoraConfig(Section):
 
 class StageTrainingConfig(Section):
     enabled: bool = True
-    method: Literal["lora", "qlora"] = "lora"  # qlora = LoRA on a 4-bit base (needs model.load_in_4bit)
+    # lora: low-rank adapters; qlora: LoRA on a 4-bit base (model.load_in_4bit); full: every weight
+    # (memory: ~16 bytes per parameter with AdamW); freeze: only the last `freeze_trainable_layers`.
+    method: Literal["lora", "qlora", "full", "freeze"] = "lora"
+    freeze_trainable_layers: int = Field(2, ge=1)  # method: freeze
     lora: LoraConfig = Field(default_factory=LoraConfig)
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1 = derived from num_train_epochs")
@@ -194,8 +197,11 @@ class DPOConfig(StageTrainingConfig):
     # > 0 adds the SFT loss on the chosen reply with this weight (RPO): the policy keeps raising the
     # probability of good answers instead of only widening the gap, which protects generation quality.
     sft_weight: float = Field(0.0, ge=0)
-    # The reference policy is the SFT model (the LoRA adapter disabled on the merged SFT weights).
-    reference: Literal["sft"] = "sft"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO / cDPO: the chance a label is flipped
+    # The reference policy is the SFT model, held as: adapter = the policy with its LoRA adapter
+    # disabled (no second copy; LoRA only), precompute = its log-probs computed once before training,
+    # copy = a frozen second model (needed for full and freeze); auto = adapter for LoRA, else copy.
+    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
 
 
 ModelName = Literal["base", "sft", "dpo"]
@@ -237,6 +243,16 @@ class Config(Section):
         for stage in ("sft", "dpo"):
             if getattr(self, stage).method == "qlora" and not self.model.load_in_4bit:
                 raise ValueError(f"{stage}.method: qlora needs model.load_in_4bit: true")
+            if getattr(self, stage).method in ("full", "freeze") and self.model.load_in_4bit:
+                raise ValueError(
+                    f"{stage}.method: {getattr(self, stage).method} cannot train 4-bit weights; "
+                    "set model.load_in_4bit: false or use method: qlora"
+                )
+        if self.dpo.reference == "adapter" and self.dpo.method not in ("lora", "qlora"):
+            raise ValueError(
+                f"dpo.reference: adapter needs a LoRA method (dpo.method is {self.dpo.method}); "
+                "use reference: copy or precompute"
+            )
             if not getattr(self, stage).enabled and stage in self.eval.models:
                 raise ValueError(f"eval.models lists '{stage}' but {stage}.enabled is false")
         return self

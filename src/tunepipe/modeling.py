@@ -191,13 +191,41 @@ def merge_adapter(model: Any, adapter_dir: Path) -> Any:
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
 
 
+def uses_lora(stage_cfg: StageTrainingConfig) -> bool:
+    return stage_cfg.method in ("lora", "qlora")
+
+
+def freeze_all_but_last_layers(model: Any, n: int) -> int:
+    """method: freeze. Train only the last n decoder layers (and the final norm); returns the
+    number of trainable parameters."""
+    layers = None
+    for _name, module in model.named_modules():
+        if type(module).__name__ == "ModuleList" and len(module) > 0 and _name.endswith("layers"):
+            layers = module
+            break
+    if layers is None:
+        raise ValueError("method: freeze: no decoder layer list found in this model; use lora or full")
+    for p in model.parameters():
+        p.requires_grad = False
+    keep = list(layers)[-n:]
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    for module in [*keep, *([norm] if norm is not None else [])]:
+        for p in module.parameters():
+            p.requires_grad = True
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def load_stage_model(cfg: Config, plan: Plan, run_dir: Path, which: str, log: Any = print) -> Any:
-    """The base, SFT or DPO model as the run folder holds it (adapters merged in order)."""
-    model = load_model(cfg, plan, log=log)
+    """The base, SFT or DPO model as the run folder holds it: a full model folder (`<stage>/model`,
+    methods full and freeze) or the base with the stages' adapters merged in order."""
     chain = {"base": [], "sft": ["sft"], "dpo": ["sft", "dpo"]}[which]
-    for stage in chain:
-        if stage == "sft" and not cfg.sft.enabled:
-            continue
+    chain = [s for s in chain if s != "sft" or cfg.sft.enabled]
+    # Start from the latest stage that saved a whole model; merge the adapters after it.
+    start = max(
+        (i for i, s in enumerate(chain) if (run_dir / s / "model" / "config.json").is_file()), default=-1
+    )
+    model = load_model(cfg, plan, str(run_dir / chain[start] / "model") if start >= 0 else None, log=log)
+    for stage in chain[start + 1 :]:
         adapter = run_dir / stage / "adapter"
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(

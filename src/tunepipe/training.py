@@ -104,6 +104,16 @@ def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
     return gates
 
 
+def save_result(model: Any, stage_dir: Path, stage_cfg: StageTrainingConfig) -> str:
+    """The stage's result: `adapter/` for LoRA methods, `model/` (whole weights) for full and freeze."""
+    name = "adapter" if stage_cfg.method in ("lora", "qlora") else "model"
+    other = stage_dir / ("model" if name == "adapter" else "adapter")
+    if is_main() and other.exists():
+        shutil.rmtree(other)  # a result of another method would be taken for this one
+    save_adapter(model, stage_dir / name)
+    return f"{stage_dir.name}/{name}"
+
+
 def save_adapter(model: Any, dest: Path) -> None:
     """Write to a temp folder and rename, so an interrupted save never looks like a finished adapter."""
     if not is_main():

@@ -13,8 +13,15 @@ from .. import compat
 from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
 from ..dist import world_size
-from ..modeling import load_stage_model, load_tokenizer, lora_config, plan_for
-from ..training import Training, loss_gate, read_log, save_adapter, trainer_args
+from ..modeling import (
+    freeze_all_but_last_layers,
+    load_stage_model,
+    load_tokenizer,
+    lora_config,
+    plan_for,
+    uses_lora,
+)
+from ..training import Training, loss_gate, read_log, save_result, trainer_args
 from . import StageContext, StageResult
 
 
@@ -39,31 +46,48 @@ def run(ctx: StageContext) -> StageResult:
     base_args = trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke)
     training = Training(ctx, "dpo", out)
 
+    reference = d.reference if d.reference != "auto" else ("adapter" if uses_lora(d) else "copy")
+    ctx.log(f"dpo: method {d.method}, reference policy: the SFT model ({reference})")
+
+    def _policy() -> Any:
+        model = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log)
+        if d.method == "freeze":
+            freeze_all_but_last_layers(model, d.freeze_trainable_layers)
+        return model
+
+    def _frozen_sft() -> Any:
+        ref = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log).eval()
+        for p in ref.parameters():
+            p.requires_grad = False
+        return ref
+
     def build(batch: int, accum: int) -> Any:
         args = compat.build(
             DPOConfig,
             log=ctx.log,
             beta=d.beta,
+            label_smoothing=d.label_smoothing,
+            precompute_ref_log_probs=reference == "precompute",
             **_loss_kwargs(d),
             **{**base_args, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum},
         )
         return compat.build(
             DPOTrainer,
             log=ctx.log,
-            # A fresh merged SFT model per build: the trainer wraps it with a new LoRA adapter.
-            model=load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log),
-            ref_model=None,
+            # A fresh SFT model per build: the trainer wraps it with a new LoRA adapter.
+            model=_policy(),
+            ref_model=_frozen_sft() if reference == "copy" else None,
             args=args,
             train_dataset=train,
             processing_class=tok,
-            peft_config=lora_config(d),
+            peft_config=lora_config(d) if uses_lora(d) else None,
             callbacks=training.callbacks,
         )
 
     result = training.run(
         build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    save_adapter(training.trainer.model, out / "adapter")
+    saved = save_result(training.trainer.model, out, d)
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, require_falling=not ctx.smoke)
@@ -78,7 +102,8 @@ def run(ctx: StageContext) -> StageResult:
         else "no steps",
         gates=gates,
         outputs={
-            "adapter": "dpo/adapter",
+            "result": saved,
+            "reference": reference,
             "per_device_train_batch_size": training.batch,
             "gradient_accumulation_steps": training.accum,
             "batch_changes": training.batch_changes,

@@ -11,8 +11,15 @@ from typing import Any
 from .. import compat
 from ..data.prepare import read_split
 from ..dist import world_size
-from ..modeling import load_model, load_tokenizer, lora_config, plan_for
-from ..training import Training, loss_gate, read_log, save_adapter, trainer_args
+from ..modeling import (
+    freeze_all_but_last_layers,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    plan_for,
+    uses_lora,
+)
+from ..training import Training, loss_gate, read_log, save_result, trainer_args
 from . import StageContext, StageResult
 
 
@@ -31,6 +38,16 @@ def run(ctx: StageContext) -> StageResult:
     base_args = trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke)
     training = Training(ctx, "sft", out)
 
+    def _model() -> Any:
+        model = load_model(cfg, plan, log=ctx.log)
+        if cfg.sft.method == "freeze":
+            n = freeze_all_but_last_layers(model, cfg.sft.freeze_trainable_layers)
+            ctx.log(
+                f"sft: method freeze: {n:,} trainable parameters "
+                f"(last {cfg.sft.freeze_trainable_layers} layers)"
+            )
+        return model
+
     def build(batch: int, accum: int) -> Any:
         args = compat.build(
             SFTConfig,
@@ -41,18 +58,18 @@ def run(ctx: StageContext) -> StageResult:
         return compat.build(
             SFTTrainer,
             log=ctx.log,
-            model=load_model(cfg, plan, log=ctx.log),
+            model=_model(),
             args=args,
             train_dataset=train,
             processing_class=tok,
-            peft_config=lora_config(cfg.sft),
+            peft_config=lora_config(cfg.sft) if uses_lora(cfg.sft) else None,
             callbacks=training.callbacks,
         )
 
     result = training.run(
         build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    save_adapter(training.trainer.model, out / "adapter")
+    saved = save_result(training.trainer.model, out, cfg.sft)
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, require_falling=not ctx.smoke)
@@ -63,7 +80,7 @@ def run(ctx: StageContext) -> StageResult:
         else "no steps",
         gates=gates,
         outputs={
-            "adapter": "sft/adapter",
+            "result": saved,
             "steps": result.global_step,
             "per_device_train_batch_size": training.batch,
             "gradient_accumulation_steps": training.accum,
