@@ -180,3 +180,30 @@ def test_nan_loss_stops_in_its_step_names_it_and_keeps_the_last_checkpoint(tmp_p
     assert not (run / "sft" / "adapter").exists()
     state = json.loads((run / "pipeline.json").read_text())["stages"]
     assert state["sft"]["status"] == "failed" and "dpo" not in state or state["dpo"].get("status") != "done"
+
+
+def test_sigterm_saves_a_checkpoint_exits_75_and_the_next_run_resumes(tmp_path: Path, tiny_qwen3: Path):
+    cfg = _config(tmp_path, tiny_qwen3, "runs/term")
+    run = tmp_path / "runs" / "term"
+    env = _env(TUNEPIPE_FAULT="slow_step:sft:100")
+    proc = subprocess.Popen(
+        _cmd(cfg, "run"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and _last_step(run) < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "signal SIGTERM" in err
+    marked = [
+        p
+        for p in (run / "sft" / "checkpoints").glob("checkpoint-*")
+        if (p / "tunepipe-complete.json").exists()
+    ]
+    stopped = max(int(p.name.split("-")[1]) for p in marked)
+    assert 5 <= stopped < STEPS and max(_losses(run)) == stopped
+    again = subprocess.run(_cmd(cfg, "run"), env=_env(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from checkpoint-{stopped}" in again.stdout
+    assert sorted(_losses(run)) == list(range(1, STEPS + 1))
