@@ -40,12 +40,12 @@ test-fast: dev  ## tests that do not train a model
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"
 
 lint: dev  ## ruff check + format check
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 format: dev  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench scripts
+	$(BIN)/ruff format src tests bench scripts
 
 bench: install  ## benchmarks (bench/*.py): data preparation speed, cold and warm
 	$(BIN)/python bench/data_prepare.py

@@ -1,0 +1,123 @@
+"""GPU check (never in CI): QLoRA SFT + DPO on the embedded model for a few minutes on one CUDA GPU.
+
+Writes tokens/s, peak memory and MFU per stage to a JSON file:
+
+    python scripts/gpu_check.py --out gpu_check.json [--sft-steps 60] [--dpo-steps 30]
+
+MFU counts 4N FLOPs per trained token for LoRA/QLoRA (forward 2N + backward through the frozen
+weights 2N; no weight gradients) and 6N for full fine-tuning; DPO adds the reference forward (2N)
+per token. N is the model's parameter count. Peak FLOPs come from a table of dense bf16 figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--dpo-steps", type=int, default=30)
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA GPU; this machine has none (CPU runs are covered by `make test`)")
+        return 2
+    import yaml
+
+    from tunepipe.config import load_config
+    from tunepipe.pipeline import run_dir_for, run_pipeline
+
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ROOT / "examples" / "data"
+        cfg_path = Path(tmp) / "gpu_check.yaml"
+        cfg_path.write_text(
+            yaml.safe_dump(
+                {
+                    "project": {"name": "gpu-check", "output_dir": str(Path(tmp) / "run")},
+                    "model": {"name_or_path": "smollm2-135m-instruct", "load_in_4bit": True},
+                    "data": {
+                        "sft": {
+                            "train": str(data / "skills_sft_train.jsonl"),
+                            "eval": str(data / "skills_sft_eval.jsonl"),
+                        },
+                        "dpo": {
+                            "train": str(data / "skills_dpo_train.jsonl"),
+                            "eval": str(data / "skills_dpo_eval.jsonl"),
+                        },
+                        "max_length": 128,
+                    },
+                    "training": {"logging_steps": 5, "save_steps": 1000},
+                    "sft": {
+                        "method": "qlora",
+                        "max_steps": args.sft_steps,
+                        "learning_rate": 1e-3,
+                        "per_device_train_batch_size": 16,
+                        "gradient_accumulation_steps": 1,
+                    },
+                    "dpo": {
+                        "method": "qlora",
+                        "max_steps": args.dpo_steps,
+                        "learning_rate": 5e-4,
+                        "per_device_train_batch_size": 8,
+                        "gradient_accumulation_steps": 1,
+                        "sft_weight": 1.0,
+                    },
+                    "eval": {"max_new_tokens": 16, "batch_size": 48},
+                }
+            )
+        )
+        cfg = load_config(cfg_path)
+        run = run_dir_for(cfg, False)
+        results: dict = {"gpu": gpu, "torch": torch.__version__, "peak_bf16_flops": peak, "stages": {}}
+        run_pipeline(cfg, stages=["data"], echo=print)
+        from transformers import AutoModelForCausalLM
+
+        from tunepipe.modeling import model_path
+
+        n_params = AutoModelForCausalLM.from_pretrained(model_path(cfg)).num_parameters()
+        results["model_parameters"] = n_params
+        stats = json.loads((run / "data" / "stats.json").read_text())["splits"]
+        for stage, per_token in (("sft", 4), ("dpo", 6)):
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.time()
+            run_pipeline(cfg, stages=[stage], echo=print)
+            wall = time.time() - t0
+            out = json.loads((run / stage / "stage.json").read_text())["outputs"]
+            s = getattr(cfg, stage)
+            seqs = out["steps"] * s.per_device_train_batch_size * s.gradient_accumulation_steps
+            tokens = (
+                seqs * stats[f"{stage}_train"]["mean"] * (2 if stage == "dpo" else 1)
+            )  # approx: mean length
+            runtime = out.get("train_runtime_s") or wall
+            tps = tokens / runtime
+            results["stages"][stage] = {
+                "steps": out["steps"],
+                "train_runtime_s": runtime,
+                "wall_s": round(wall, 1),
+                "tokens_per_s_approx": round(tps),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "mfu": round(tps * per_token * n_params / peak, 4) if peak else None,
+            }
+        run_pipeline(cfg, stages=["eval"], echo=print)
+        results["metrics"] = json.loads((run / "eval" / "metrics.json").read_text())
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
