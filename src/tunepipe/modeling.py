@@ -166,7 +166,10 @@ def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = prin
     from transformers import AutoModelForCausalLM
 
     if cfg.model.load_in_4bit and plan.device != "cuda":
-        raise RuntimeError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); turn it off on CPU")
+        raise ConfigError(
+            f"{cfg.source}: model.load_in_4bit (QLoRA) needs bitsandbytes and a CUDA GPU, and this machine "
+            "has no GPU. On CPU use model.load_in_4bit: false with method: lora (same adapters, more memory)"
+        )
     return AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **load_kwargs(cfg, plan))
 
 
