@@ -122,3 +122,19 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "tunepipe", "run", str(path)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "dpo.betta" in r.stderr and "did you mean 'dpo.beta'" in r.stderr
+
+
+def test_packing_with_dpo_is_rejected_with_the_reason(tmp_path: Path) -> None:
+    path = _write(tmp_path, "dpo:\n  packing: true\n")
+    with pytest.raises(ConfigError, match=r"dpo.packing.*not supported for DPO"):
+        load_config(path)
+
+
+def test_qlora_with_zero3_needs_bf16_quant_storage(tmp_path: Path) -> None:
+    ds = ROOT / "configs" / "deepspeed"
+    qlora = "model: {load_in_4bit: true}\nsft: {method: qlora}\ndpo: {method: qlora}\n"
+    path = _write(tmp_path, qlora + f"hardware: {{deepspeed: {ds / 'zero3.json'}}}\n")
+    with pytest.raises(ConfigError, match=r"ZeRO-3 .*bnb_4bit_quant_storage: bfloat16"):
+        load_config(path)
+    assert load_config(path, ["model.bnb_4bit_quant_storage=bfloat16"]).model.load_in_4bit
+    assert load_config(path, [f"hardware.deepspeed={ds / 'zero2.json'}"]).hardware.deepspeed

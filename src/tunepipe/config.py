@@ -8,6 +8,7 @@ directory of the config file, so a project folder can be moved or run from anywh
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ class HardwareConfig(Section):
     gpus: int = Field(0, ge=0, description="GPUs per node the run is planned for (0 = CPU)")
     gpu_memory_gb: float | None = Field(None, gt=0)
     nodes: int = Field(1, ge=1)
+    deepspeed: str | None = None  # the DeepSpeed JSON you launch with (checked against the model settings)
     time_limit: str | None = None  # e.g. "24h": the whole pipeline, per `tunepipe run`
     # How the time left is shared out among the stages still to run (normalised over those).
     time_shares: dict[Literal["data", "sft", "dpo", "eval", "report"], float] = Field(
@@ -78,6 +80,8 @@ class ModelConfig(Section):
     # auto = bf16 on GPUs that support it; fp32 weights on CPU (bf16 autocast where the CPU has bf16).
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     load_in_4bit: bool = False
+    # How 4-bit weights are stored: bfloat16 lets ZeRO-3 / FSDP shard them (QLoRA across GPUs).
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16"] = "uint8"
     trust_remote_code: bool = False  # never on unless the user asks: it runs code from the model repo
     chat_template: str | None = None  # a path to a .jinja file, or the template text itself
     enable_thinking: bool | None = None  # passed to templates that know it (Qwen3)
@@ -189,6 +193,18 @@ class SFTConfig(StageTrainingConfig):
 
 
 class DPOConfig(StageTrainingConfig):
+    # Not supported: packing would cut preference pairs apart. Present only to say so.
+    packing: bool = False
+
+    @field_validator("packing")
+    @classmethod
+    def _no_packing(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "packing is not supported for DPO (chosen and rejected must stay whole); remove it"
+            )
+        return v
+
     per_device_train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(16, ge=1)
     learning_rate: float = Field(5e-6, gt=0)
@@ -387,7 +403,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(_format_errors(e, source, overrides)) from None
     cfg._base_dir = base
     cfg._source = source
+    _check_deepspeed(cfg)
     return cfg
+
+
+def _check_deepspeed(cfg: Config) -> None:
+    """Known-bad combinations with the declared DeepSpeed config, with the fix in the message."""
+    if not cfg.hardware.deepspeed:
+        return
+    path = cfg.path(cfg.hardware.deepspeed)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{cfg.source}: hardware.deepspeed: cannot read {path}: {e}") from None
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and cfg.model.load_in_4bit and cfg.model.bnb_4bit_quant_storage != "bfloat16":
+        raise ConfigError(
+            f"{cfg.source}: QLoRA (model.load_in_4bit) with ZeRO-3 ({path.name}) needs "
+            "model.bnb_4bit_quant_storage: bfloat16 so the 4-bit weights can be sharded; "
+            "or use ZeRO-2 / plain DDP, which keep a whole 4-bit copy per GPU"
+        )
 
 
 def dump_resolved(cfg: Config) -> str:

@@ -154,6 +154,7 @@ def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> d
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
+            bnb_4bit_quant_storage=getattr(torch, cfg.model.bnb_4bit_quant_storage),
         )
     if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in env):
         # Under DDP every process must own its whole model copy on its own GPU; device_map="auto"
