@@ -88,8 +88,11 @@ def sequence_logprobs(
     """(sum of log p over labelled tokens, number of labelled tokens) per (input_ids, labels) pair."""
     import torch
 
-    results: list[tuple[float, int]] = []
-    for batch in _batches(seqs, batch_size):
+    # Similar lengths batched together pad less; results go back in the input order.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+    for idx in _batches(order, batch_size):
+        batch = [seqs[i] for i in idx]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -107,7 +110,8 @@ def sequence_logprobs(
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(batch), dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked)
         counts = keep.sum(dim=1)
-        results.extend((sums[r].item(), int(counts[r].item())) for r in range(len(batch)))
+        for r, i in enumerate(idx):
+            results[i] = (sums[r].item(), int(counts[r].item()))
         if progress:
             progress(len(batch))
     return results
