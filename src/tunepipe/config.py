@@ -155,7 +155,8 @@ class TrainingConfig(Section):
     optim: str = "adamw_torch"
     # A complete checkpoint every N optimizer steps: a crash or a stop costs at most N steps.
     save_steps: int | None = Field(50, ge=1)  # None = no intermediate checkpoints
-    # Complete checkpoints kept (>= 2, so the newest complete one survives a crash in the next save).
+    # The newest complete checkpoints kept (>= 2: the newest complete one survives a crash in the next
+    # save), plus the one with the lowest training loss.
     save_total_limit: int = Field(2, ge=2)
 
 

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -93,9 +94,10 @@ class CheckpointMarker(TrainerCallback):
     scheduler, RNG, trainer state): files fsynced, then the marker written atomically. Resume only
     trusts marked checkpoints, so a crash in the middle of a save never yields a half checkpoint."""
 
-    def __init__(self, stage: str, fingerprint: str):
+    def __init__(self, stage: str, fingerprint: str, keep: int = 2):
         self.stage = stage
         self.fingerprint = fingerprint
+        self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not state.is_world_process_zero:
@@ -106,9 +108,37 @@ class CheckpointMarker(TrainerCallback):
         if fault("kill_in_save", self.stage) == state.global_step:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: files written, marker not yet
         _fsync_tree(ckpt)
+        losses = [
+            h["loss"] for h in state.log_history if "loss" in h and h.get("step", 0) <= state.global_step
+        ]
+        marker = {
+            "step": state.global_step,
+            "fingerprint": self.fingerprint,
+            "loss": losses[-1] if losses else None,
+        }
         tmp = ckpt / f".{COMPLETE}.tmp"
-        tmp.write_text(json.dumps({"step": state.global_step, "fingerprint": self.fingerprint}))
+        tmp.write_text(json.dumps(marker))
         os.replace(tmp, ckpt / COMPLETE)
+        self._rotate(Path(args.output_dir))
+
+    def _rotate(self, folder: Path) -> None:
+        """Keep the newest `keep` complete checkpoints and the one with the lowest logged loss; the
+        newest complete one is never deleted. (The trainer's own rotation is off: it cannot tell
+        complete checkpoints from interrupted ones.)"""
+        done = []
+        for d in folder.glob("checkpoint-*"):
+            with contextlib.suppress(OSError, ValueError):
+                done.append((json.loads((d / COMPLETE).read_text()), d))
+        done.sort(key=lambda x: x[0]["step"])
+        keep = {d for _, d in done[-self.keep :]}
+        scored = [
+            (m["loss"], d) for m, d in done if isinstance(m.get("loss"), float) and math.isfinite(m["loss"])
+        ]
+        if scored:
+            keep.add(min(scored, key=lambda x: x[0])[1])
+        for _, d in done:
+            if d not in keep:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 class StopRequest(TrainerCallback):

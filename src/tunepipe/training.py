@@ -58,7 +58,7 @@ def trainer_args(
         "logging_steps": 1 if smoke else t.logging_steps,
         "save_strategy": "steps" if t.save_steps else "no",
         "save_steps": t.save_steps or 500,
-        "save_total_limit": t.save_total_limit,
+        "save_total_limit": None,  # CheckpointMarker rotates: it keeps complete ones and the best
         "seed": t.seed,
         "data_seed": t.seed,
         "report_to": "none",
@@ -190,7 +190,7 @@ class Training:
         self.callbacks = [
             self.log_cb,
             self.nan,
-            CheckpointMarker(self.stage, self.ctx.fingerprint),
+            CheckpointMarker(self.stage, self.ctx.fingerprint, self.ctx.cfg.training.save_total_limit),
             self.stop,
             FaultInjector(self.stage),
         ]
