@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -90,3 +91,15 @@ def write_config(folder: Path, model: Path, **sections: dict) -> Path:
     path = folder / "tunepipe.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def tunepipe(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `tunepipe` command in a subprocess, offline, with plain output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tunepipe", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=900,
+    )

@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import tunepipe, write_config
 
 pytestmark = pytest.mark.slow
 
 
-def _run(cfg: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "tunepipe", "run", str(cfg), "--smoke", *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+def _run(cfg: Path, *overrides: str):
+    return tunepipe("run", cfg, "--smoke", *overrides)
 
 
 def _weights(folder: Path) -> dict:

@@ -7,28 +7,14 @@ skips every stage; changing sft.learning_rate reruns sft, dpo, eval and report b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import tunepipe, write_config
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["data", "sft", "dpo", "eval", "report"]
-
-
-def tunepipe(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "tunepipe", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
 
 
 def _lora_tensors(adapter: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Training callbacks that keep a run honest: step logs on disk and a stop on a non-finite loss.
+"""Training callbacks that keep a run honest: step logs on disk, complete-checkpoint markers,
+stops for the time budget and signals, and fault hooks for tests.
 
 (The time-budget, OOM-recovery and signal guards build on these.)
 """
@@ -52,21 +53,6 @@ class JsonlLogCallback(TrainerCallback):
         row.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-
-
-class NonFiniteLossGuard(TrainerCallback):
-    """Stop at the first NaN/inf loss instead of training on garbage; the gate then fails the stage."""
-
-    def __init__(self) -> None:
-        self.bad_step: int | None = None
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        loss = (logs or {}).get("loss")
-        if isinstance(loss, float) and not math.isfinite(loss) and self.bad_step is None:
-            self.bad_step = state.global_step
-            control.should_training_stop = True
 
 
 COMPLETE = "tunepipe-complete.json"

@@ -17,7 +17,6 @@ from .guards import (
     CheckpointMarker,
     FaultInjector,
     JsonlLogCallback,
-    NonFiniteLossGuard,
     StopRequest,
     fault,
 )
@@ -178,7 +177,6 @@ class Training:
 
     def __init__(self, ctx: StageContext, stage: str, stage_dir: Path):
         self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
-        self.nan = NonFiniteLossGuard()
         self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
         self.batch_changes: list[str] = []
         self._prepare()
@@ -189,7 +187,6 @@ class Training:
         self.log_cb = JsonlLogCallback(self.stage_dir / "log.jsonl", self.resume_step)
         self.callbacks = [
             self.log_cb,
-            self.nan,
             CheckpointMarker(self.stage, self.ctx.fingerprint, self.ctx.cfg.training.save_total_limit),
             self.stop,
             FaultInjector(self.stage),
