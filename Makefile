@@ -47,7 +47,8 @@ format: dev  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests bench scripts
 	$(BIN)/ruff format src tests bench scripts
 
-bench: install  ## benchmarks (bench/*.py): data preparation speed, cold and warm
+bench: install  ## benchmarks (bench/*.py): data preparation cold/warm, batched generation
+	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/data_prepare.py
 
 clean:  ## remove run folders (keeps .venv and the model cache)

@@ -60,8 +60,9 @@ def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
         "eval/stage.json",
         "report/report.md",
         "report/report.html",
-        "report/sft_loss.png",
-        "report/dpo_loss.png",
+        "report/sft_curves.png",
+        "report/dpo_curves.png",
+        "report/lengths.png",
         "logs/sft.log",
     ]:
         assert (run / rel).is_file(), rel
@@ -86,7 +87,7 @@ def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
         assert {"exact_match", "loss"} <= set(m["sft_eval"]) and "preference_accuracy" in m["dpo_eval"]
     assert metrics["sft"]["sft_eval"]["loss"] != metrics["base"]["sft_eval"]["loss"]
     report = (run / "report" / "report.md").read_text()
-    assert "exact_match" in report and "sft_loss.png" in report
+    assert "exact_match" in report and "sft_curves.png" in report
 
     second = tunepipe("run", cfg, "--smoke")
     assert second.returncode == 0 and _ran(second.stdout) == [] and _skipped(second.stdout) == STAGES

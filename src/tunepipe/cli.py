@@ -87,7 +87,11 @@ def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
         err_console.print(f"unexpected error: {type(e).__name__}: {e}", markup=False)
         if where:
             err_console.print(f"  at {where.filename}:{where.lineno} in {where.name}", markup=False)
-        err_console.print("  the full traceback is in <output_dir>/logs/<stage>.log", markup=False)
+        err_console.print(
+            "  the full traceback is in <output_dir>/logs/<stage>.log, the diagnosis in "
+            "logs/<stage>.diagnosis.txt; or paste any log into `tunepipe diagnose -`",
+            markup=False,
+        )
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -168,9 +172,104 @@ def eval_(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = Fals
 
 
 @app.command()
-def report(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
-    """Write report/report.md and report/report.html with the metrics table and loss plots."""
-    _run(config, overrides, stages=["report"], smoke=smoke)
+def report(
+    config: Annotated[
+        Path, typer.Argument(help="the project config (with --compare: a run folder)", show_default=False)
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="section.key=value overrides (with --compare: more run folders)", show_default=False
+        ),
+    ] = None,
+    smoke: SmokeOpt = False,
+    compare: Annotated[
+        bool,
+        typer.Option("--compare", help="compare run folders: report --compare RUN_DIR RUN_DIR ..."),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="with --compare: the folder to write (default ./compare)")
+    ] = None,
+) -> None:
+    """Write report/report.md and a self-contained report/report.html: run summary, warnings, metrics
+    (base vs SFT vs DPO with deltas), training curves, data, sample generations.
+
+    With --compare, the arguments are run folders (project.output_dir of each run) and one
+    comparison report (compare.md, compare.html) is written to --out.
+    """
+    if not compare:
+        _run(config, overrides, stages=["report"], smoke=smoke)
+        return
+    from .stages.report import compare_runs
+
+    dirs = [config, *(Path(o) for o in overrides or [])]
+    if len(dirs) < 2:
+        err_console.print("error: --compare needs at least two run folders", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        page = compare_runs(dirs, out or Path("compare"))
+    except FileNotFoundError as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    console.print(f"report: {page}", markup=False)
+
+
+@app.command()
+def chat(
+    target: Annotated[
+        Path, typer.Argument(help="a project config, or a model / adapter folder", show_default=False)
+    ],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="one question, print the answer, exit")
+    ] = None,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="base, sft or dpo (default: the latest finished stage)")
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="a system message")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="reply length limit")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy")] = 0.0,
+    smoke: SmokeOpt = False,
+) -> None:
+    """Talk to a model through its chat template; the conversation history is kept.
+
+    Interactive by default (/reset clears the history, /exit or Ctrl-D quits); --prompt for one shot.
+    With a config it loads the run's latest finished stage (DPO, else SFT, else the base model).
+    """
+    from .chat import ChatError, Conversation, load_from_config, load_from_folder
+
+    if stage not in (None, "base", "sft", "dpo"):
+        err_console.print(f"error: --stage {stage!r}: choose base, sft or dpo", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:
+        if target.is_dir():
+            model = load_from_folder(target)
+        elif target.is_file():
+            model = load_from_config(target, [], stage, smoke)
+        else:
+            raise ChatError(f"{target}: no such config file or model folder")
+    except (ChatError, *_bad_input_types()) as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    conv = Conversation(model, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    if prompt is not None:
+        console.print(conv.ask(prompt), markup=False)
+        return
+    err_console.print(
+        f"chatting with the {model.label}; /reset clears the history, /exit quits", markup=False
+    )
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            err_console.print("", markup=False)
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            conv.reset()
+            continue
+        if text:
+            console.print(f"model> {conv.ask(text)}", markup=False)
 
 
 @app.command()
@@ -200,6 +299,39 @@ def export(
     except _bad_input_types() as e:
         err_console.print(f"error: {e}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def diagnose(
+    logfile: Annotated[
+        str, typer.Argument(help="the log file, or - to read it from stdin (paste, then Ctrl-D)")
+    ] = "-",
+    as_json: Annotated[bool, typer.Option("--json", help='{"id", "where", "cause", "fix", ...}')] = False,
+) -> None:
+    """Read an error log and say where it failed, why, and how to fix it.
+
+    Works on tunepipe logs and on your own scripts' logs: several ranks interleaved, ANSI colours,
+    chained exceptions, a cut head. The known issues are data: src/tunepipe/diagnose/knowledge.yaml.
+    Exit code 0 when the error is known, 1 when it is not.
+    """
+    import json
+
+    from .diagnose import diagnose_text, diagnosis_json, format_diagnosis
+
+    if logfile == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(logfile)
+        if not path.is_file():
+            err_console.print(f"error: {logfile}: no such file", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT)
+        text = path.read_text(encoding="utf-8", errors="replace")
+    d = diagnose_text(text)
+    if as_json:
+        console.print_json(json.dumps(diagnosis_json(d)))
+    else:
+        console.print(format_diagnosis(d), markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_OK if d.id else EXIT_ERROR)
 
 
 @app.command("quickstart-data")

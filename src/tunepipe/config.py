@@ -222,17 +222,111 @@ class DPOConfig(StageTrainingConfig):
 
 
 ModelName = Literal["base", "sft", "dpo"]
-MetricName = Literal["exact_match", "loss", "preference_accuracy"]
+# Scored on each generated reply against the reference reply of a conversation set.
+GENERATION_METRICS = ("exact_match", "contains", "regex_match", "numeric_match", "rouge_l")
+# Computed from log-probabilities of the reference reply (assistant tokens only): no generation.
+LIKELIHOOD_METRICS = ("loss", "perplexity")
+# Computed on preference pairs: log p(chosen) against log p(rejected).
+PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
+BUILTIN_METRICS = GENERATION_METRICS + LIKELIHOOD_METRICS + PREFERENCE_METRICS
+# The prepared held-out splits the data stage writes.
+PREPARED_SETS = ("sft_eval", "dpo_eval")
+_SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _check_metric(name: str) -> str:
+    if name in BUILTIN_METRICS or _SCORER.match(name):
+        return name
+    close = difflib.get_close_matches(name, BUILTIN_METRICS, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ValueError(
+        f"unknown metric {name!r}{hint} Built in: {', '.join(BUILTIN_METRICS)}; "
+        "or your own scorer as 'module:function' (called as function(prediction, reference) -> float)"
+    )
+
+
+class EvalSet(Section):
+    """One held-out set. `source` is a prepared split (sft_eval: conversations, dpo_eval: pairs) or a
+    file/folder in any supported data format (conversations or preference pairs, detected)."""
+
+    name: str
+    source: str = "sft_eval"
+    format: str | None = None  # for file sources, like data sources (None = detected)
+    columns: dict[str, str] = Field(default_factory=dict)
+    metrics: list[str] | None = None  # None = eval.metrics, those that apply to this kind of set
+    # regex_match: the pattern that extracts the answer from the output (group 1 if it has groups) and,
+    # when it matches there too, from the reference; compared after whitespace normalisation.
+    regex: str | None = None
+    numeric_tolerance: float = Field(1e-6, ge=0)  # numeric_match: |a - b| <= tol (or relative tol)
+    max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str] | None) -> list[str] | None:
+        return [_check_metric(m) for m in v] if v is not None else None
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"regex {v!r} does not compile: {e}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _regex_needed(self) -> EvalSet:
+        if self.metrics and "regex_match" in self.metrics and not self.regex:
+            raise ValueError(f"eval set {self.name!r}: regex_match needs `regex` (the answer pattern)")
+        return self
+
+
+class LmEvalConfig(Section):
+    """Benchmarks through lm-evaluation-harness (`pip install lm-eval`)."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: float | None = Field(None, gt=0)  # examples per task (a fraction if < 1)
+    num_fewshot: int | None = Field(None, ge=0)
+    include_path: str | None = None  # a folder of task YAMLs: local tasks work offline
+    batch_size: int = Field(8, ge=1)
 
 
 class EvalConfig(Section):
     models: list[ModelName] = Field(default_factory=lambda: ["base", "sft", "dpo"])
-    # Prepared splits written by the data stage: sft_eval (conversations), dpo_eval (pairs).
-    sets: list[Literal["sft_eval", "dpo_eval"]] = Field(default_factory=lambda: ["sft_eval", "dpo_eval"])
-    metrics: list[MetricName] = Field(default_factory=lambda: ["exact_match", "loss", "preference_accuracy"])
+    # A set is a prepared split name (sft_eval, dpo_eval) or {name, source, metrics, ...}.
+    sets: list[EvalSet] = Field(default_factory=lambda: [EvalSet(name=n, source=n) for n in PREPARED_SETS])
+    # The default metrics of sets that list none; each set uses those that apply to its kind.
+    metrics: list[str] = Field(default_factory=lambda: ["exact_match", "loss", "preference_accuracy"])
     max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False  # greedy by default: reproducible scores
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0  # for sampling
+    strip_thinking: bool = True  # remove <think>...</think> from outputs before scoring
     batch_size: int = Field(16, ge=1)
-    max_samples: int | None = Field(None, ge=1)
+    max_samples: int | None = Field(None, ge=1)  # per set, unless the set says otherwise
+    lm_eval: LmEvalConfig | None = None
+
+    @field_validator("sets", mode="before")
+    @classmethod
+    def _named_sets(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": s, "source": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, v: list[str]) -> list[str]:
+        return [_check_metric(m) for m in v]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalConfig:
+        names = [s.name for s in self.sets]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"eval.sets: names must be unique, repeated: {', '.join(sorted(dup))}")
+        return self
 
 
 class ReportConfig(Section):
@@ -270,8 +364,15 @@ class Config(Section):
                 f"dpo.reference: adapter needs a LoRA method (dpo.method is {self.dpo.method}); "
                 "use reference: copy or precompute"
             )
-            if not getattr(self, stage).enabled and stage in self.eval.models:
-                raise ValueError(f"eval.models lists '{stage}' but {stage}.enabled is false")
+        for stage in ("sft", "dpo"):
+            if getattr(self, stage).enabled or stage not in self.eval.models:
+                continue
+            if "models" not in self.eval.model_fields_set:  # the default list: evaluate what is trained
+                self.eval.models = [m for m in self.eval.models if m != stage]
+            else:
+                raise ValueError(
+                    f"eval.models lists '{stage}' but {stage}.enabled is false; remove it from eval.models"
+                )
         return self
 
     def path(self, p: str | Path) -> Path:

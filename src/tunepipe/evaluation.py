@@ -1,7 +1,8 @@
-"""Metrics on held-out data: exact match by greedy generation, assistant-token loss, preference accuracy.
+"""Model-side evaluation: batched generation, assistant-token log-probabilities (loss, perplexity)
+and preference margins. Scoring generated text against references lives in `metrics`.
 
-All three are computed batched; generation uses left padding so every prompt ends where the new
-tokens begin.
+Everything is batched; sequences are sorted by length so a batch pads little, and results come
+back in the input order.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .data.chat import IGNORE_INDEX, prompt_text, tokenize_conversation
+from .data.chat import IGNORE_INDEX, tokenize_conversation
 from .data.formats import Conversation
 
 
@@ -18,8 +19,39 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-def normalise(text: str) -> str:
-    return " ".join(text.strip().split())
+# End-of-turn markers of common chat templates; generation stops at these as well as at EOS.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+
+def stop_token_ids(model: Any, tok: Any) -> list[int]:
+    """EOS (model and tokenizer), the template's end-of-turn token, and known end-of-turn markers in
+    the vocabulary: a base model's EOS is often not what its chat template closes a reply with."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    add(tok.eos_token_id)
+    vocab = tok.get_vocab()
+    add([vocab[t] for t in END_OF_TURN if t in vocab])
+    # The template's own: the first special token right after an assistant reply.
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": "REPLY"}], tokenize=False
+            )
+            after = text[text.rindex("REPLY") + len("REPLY") :]
+            special = set(tok.all_special_ids) | {
+                i for i, t in tok.added_tokens_decoder.items() if getattr(t, "special", False)
+            }
+            first = tok(after, add_special_tokens=False)["input_ids"][:2]
+            add([i for i in first if i in special][:1])
+        except Exception:  # an unusual template: EOS and the known markers still apply
+            pass
+    return ids
 
 
 def generate(
@@ -29,27 +61,39 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy completions for chat-formatted prompts, in the input order."""
+    """Completions for chat-formatted prompts, in the input order: batched with left padding, greedy
+    unless `do_sample`, each stopping at EOS or the template's end-of-turn token."""
     import torch
+    from transformers import GenerationConfig
 
+    stops = stop_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    # A config of our own: the model's shipped defaults (sampling, repetition penalty) don't leak in.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
+    )
+    if do_sample:
+        torch.manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
     out: list[str] = [""] * len(prompts)
     old_side = tok.padding_side
-    tok.padding_side = "left"
-    eos = model.generation_config.eos_token_id or tok.eos_token_id
+    tok.padding_side = "left"  # every prompt ends where the new tokens begin
     try:
         for idx in _batches(order, batch_size):
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=eos,
-                )
+                gen = model.generate(**enc, generation_config=gen_cfg)
             new = gen[:, enc["input_ids"].shape[1] :]
             for i, seq in zip(idx, new, strict=True):
                 out[i] = tok.decode(seq, skip_special_tokens=True)
@@ -131,15 +175,16 @@ def assistant_loss(
     return -total / max(n, 1)
 
 
-def preference_accuracy(
+def preference_margins(
     model: Any,
     tok: Any,
     pairs: list[dict[str, Conversation]],
     batch_size: int,
     enable_thinking: bool | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[float, list[float]]:
-    """Share of pairs where log p(chosen | prompt) > log p(rejected | prompt), and the margins."""
+) -> list[float]:
+    """log p(chosen reply | prompt) - log p(rejected reply | prompt) per pair, summed over the reply's
+    tokens: > 0 means the model prefers the chosen reply."""
     seqs = []
     for p in pairs:
         for side in ("chosen", "rejected"):
@@ -149,30 +194,13 @@ def preference_accuracy(
                 )
             )
     lp = sequence_logprobs(model, seqs, tok.pad_token_id, batch_size, progress)
-    margins = [lp[2 * i][0] - lp[2 * i + 1][0] for i in range(len(pairs))]
-    return sum(m > 0 for m in margins) / max(len(margins), 1), margins
+    return [lp[2 * i][0] - lp[2 * i + 1][0] for i in range(len(pairs))]
 
 
-def exact_match(
-    model: Any,
-    tok: Any,
-    rows: list[dict[str, Any]],
-    max_new_tokens: int,
-    batch_size: int,
-    enable_thinking: bool | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[float, list[dict[str, Any]]]:
-    """Share of conversations whose greedy reply equals the reference final assistant turn."""
-    prompts = [prompt_text(tok, r["messages"], enable_thinking) for r in rows]
-    refs = [next(m["content"] for m in reversed(r["messages"]) if m["role"] == "assistant") for r in rows]
-    preds = generate(model, tok, prompts, max_new_tokens, batch_size, progress)
-    samples = [
-        {
-            "prompt": r["messages"][-2]["content"] if len(r["messages"]) > 1 else "",
-            "reference": ref,
-            "prediction": pred,
-            "correct": normalise(pred) == normalise(ref),
-        }
-        for r, ref, pred in zip(rows, refs, preds, strict=True)
-    ]
-    return sum(s["correct"] for s in samples) / max(len(samples), 1), samples
+def reference_reply(messages: Conversation) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+
+
+def last_user_text(messages: Conversation) -> str:
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")

@@ -22,8 +22,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .config import Config, dump_resolved
-from .data.sources import SourceError, expand
+from .config import PREPARED_SETS, Config, dump_resolved
+from .data.sources import Input, SourceError, expand
 from .dist import is_main, rank
 from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
 
@@ -148,6 +148,20 @@ def _input_files(cfg: Config, name: str) -> dict[str, str]:
         if cfg.model.chat_template and cfg.path(cfg.model.chat_template).is_file():
             p = cfg.path(cfg.model.chat_template)
             files[str(p)] = file_fingerprint(p)
+    if name == "eval":
+        # Sets read from files, local lm-eval tasks and the user's scorer modules are inputs too.
+        paths = [cfg.path(s.source) for s in cfg.eval.sets if s.source not in PREPARED_SETS]
+        if cfg.eval.lm_eval and cfg.eval.lm_eval.include_path:
+            paths.append(cfg.path(cfg.eval.lm_eval.include_path))
+        metric_names = [*cfg.eval.metrics, *(m for s in cfg.eval.sets for m in s.metrics or [])]
+        paths += [cfg.path(m.split(":")[0].replace(".", "/") + ".py") for m in metric_names if ":" in m]
+        for p in paths:
+            if p.is_file():
+                files[str(p)] = file_fingerprint(p)
+            elif p.is_dir():
+                files[str(p)] = Input("file", str(p)).fingerprint()
+            else:
+                files[str(p)] = "missing"
     return files
 
 
@@ -402,8 +416,11 @@ def _run_stage(
             seconds=round(time.time() - started, 1),
             error=f"{type(e).__name__}: {e}"[:2000],
         )
+        tb = traceback.format_exc()
         if log.file:
-            log.file.write(traceback.format_exc())
+            log.file.write(tb)
+        if not isinstance(e, KeyboardInterrupt | GateFailed) and not _is_bad_input(e):
+            _write_diagnosis(run_dir / "logs", name, tb, log)
         log.close()
         raise
     bad = result.failed_gates()
@@ -427,3 +444,28 @@ def _run_stage(
         log.close()
         raise GateFailed(f"[{name}] gate failed: " + "; ".join(f"{g.name}: {g.detail}" for g in bad))
     return "done"
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """Bad config or data: the message already names the file, line and fix; no diagnosis needed."""
+    from .config import ConfigError
+    from .data.chat import TemplateError
+    from .data.prepare import DataError
+
+    return isinstance(e, ConfigError | DataError | TemplateError)
+
+
+def _write_diagnosis(logs: Path, stage: str, tb: str, log: Callable[[str], None]) -> None:
+    """An unexpected failure: what `tunepipe diagnose` would say about it, printed and saved next to
+    the stage's log (logs/<stage>.diagnosis.txt and .json)."""
+    try:
+        from .diagnose import diagnose_text, diagnosis_json, format_diagnosis
+
+        d = diagnose_text(tb)
+        text = format_diagnosis(d)
+        if is_main():
+            (logs / f"{stage}.diagnosis.txt").write_text(text + "\n", encoding="utf-8")
+            (logs / f"{stage}.diagnosis.json").write_text(json.dumps(diagnosis_json(d), indent=2))
+        log(text)
+    except Exception as err:  # the diagnosis must never hide the original error
+        log(f"(no diagnosis: {type(err).__name__}: {err})")

@@ -66,7 +66,19 @@ def _length_stats(lengths: list[int], truncated: int) -> dict[str, Any]:
         "p95": s[min(len(s) - 1, int(0.95 * len(s)))],
         "max": s[-1],
         "truncated": truncated,
+        "histogram": _histogram(s),
     }
+
+
+def _histogram(sorted_lengths: list[int], bins: int = 20) -> dict[str, list[int]]:
+    """Token-length histogram for the report: `bins` equal-width bins from min to max."""
+    lo, hi = sorted_lengths[0], sorted_lengths[-1]
+    width = max(1, -(-(hi - lo + 1) // bins))
+    edges = [lo + i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for n in sorted_lengths:
+        counts[min((n - lo) // width, bins - 1)] += 1
+    return {"edges": edges, "counts": counts}
 
 
 def cache_dir() -> Path:

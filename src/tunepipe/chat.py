@@ -1,0 +1,117 @@
+"""`tunepipe chat`: talk to a run's model (the latest trained stage by default) or to a model folder,
+through its chat template, keeping the conversation history.
+
+A config resolves to its run folder: `--stage` picks base, sft or dpo; by default the latest stage
+that has finished (dpo, then sft, then the base model). A folder is a Hugging Face model folder, a
+PEFT adapter folder (its base model is loaded and the adapter applied), or an `export` output.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data.chat import render
+from .evaluation import generate
+from .metrics import strip_thinking
+
+
+class ChatError(ValueError):
+    """Nothing to chat with: no such file or folder, or the stage asked for is not trained (exit 2)."""
+
+
+@dataclass
+class ChatModel:
+    model: Any
+    tokenizer: Any
+    label: str  # what was loaded, for the banner
+    enable_thinking: bool | None = None
+
+
+def _stage_done(run_dir: Path, stage: str) -> bool:
+    sj = run_dir / stage / "stage.json"
+    return sj.is_file() and json.loads(sj.read_text()).get("status") == "done"
+
+
+def load_from_config(
+    config: Path, overrides: list[str], stage: str | None, smoke: bool, log: Any = print
+) -> ChatModel:
+    from .config import load_config
+    from .modeling import load_stage_model, load_tokenizer, plan_for
+    from .pipeline import run_dir_for
+
+    cfg = load_config(config, overrides)
+    run_dir = run_dir_for(cfg, smoke)
+    if stage is None:
+        stage = next(
+            (s for s in ("dpo", "sft") if getattr(cfg, s).enabled and _stage_done(run_dir, s)), "base"
+        )
+    elif stage != "base" and not _stage_done(run_dir, stage):
+        raise ChatError(
+            f"{run_dir / stage}: the {stage} stage has not finished; "
+            f"run `tunepipe run {config}` (or --stage base)"
+        )
+    tok = load_tokenizer(cfg, log=lambda _m: None)
+    model = load_stage_model(cfg, plan_for(cfg.model), run_dir, stage, log=lambda _m: None).eval()
+    where = cfg.model.name_or_path if stage == "base" else str(run_dir / stage)
+    return ChatModel(model, tok, f"{stage} model ({where})", cfg.model.enable_thinking)
+
+
+def load_from_folder(folder: Path, trust_remote_code: bool = False) -> ChatModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_cfg = folder / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ChatError(f"{adapter_cfg}: no base_model_name_or_path; chat with the run's config instead")
+        model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        tok_src = folder if (folder / "tokenizer_config.json").is_file() else Path(base)
+        tok = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=trust_remote_code)
+        return ChatModel(model.eval(), tok, f"{base} + adapter {folder}")
+    if not (folder / "config.json").is_file():
+        raise ChatError(f"{folder}: not a model folder (no config.json) and not an adapter folder")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return ChatModel(model.eval(), tok, str(folder))
+
+
+@dataclass
+class Conversation:
+    chat: ChatModel
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def ask(self, text: str) -> str:
+        """One turn: the user's text in, the model's reply out; both join the history."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        prompt = render(
+            self.chat.tokenizer,
+            messages,
+            add_generation_prompt=True,
+            enable_thinking=self.chat.enable_thinking,
+        )
+        sample = self.temperature > 0
+        raw = generate(
+            self.chat.model,
+            self.chat.tokenizer,
+            [prompt],
+            self.max_new_tokens,
+            1,
+            do_sample=sample,
+            temperature=self.temperature if sample else 1.0,
+        )[0]
+        reply = strip_thinking(raw).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply
+
+    def reset(self) -> None:
+        self.history.clear()
