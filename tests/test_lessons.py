@@ -90,19 +90,41 @@ def test_gradient_checkpointing_policy(tmp_path: Path) -> None:
 
     cfg = _cfg(tmp_path)
     sft_gpu = trainer_args(cfg, "sft", tmp_path, GPU_PLAN, SFTConfig, smoke=False)
-    assert sft_gpu["gradient_checkpointing"] is True
-    assert sft_gpu["gradient_checkpointing_kwargs"] == {"use_reentrant": False}  # works with LoRA and DDP
-    assert (
-        trainer_args(cfg, "dpo", tmp_path, GPU_PLAN, DPOConfig, smoke=False)["gradient_checkpointing"]
-        is False
-    )
+    key = "activation_checkpointing"  # transformers' current name; compat maps it for older releases
+    assert sft_gpu[key] is True
+    assert sft_gpu[f"{key}_kwargs"] == {"use_reentrant": False}  # works with LoRA and DDP
+    assert trainer_args(cfg, "dpo", tmp_path, GPU_PLAN, DPOConfig, smoke=False)[key] is False
     cpu = plan_for(cfg.model)
-    assert trainer_args(cfg, "sft", tmp_path, cpu, SFTConfig, smoke=False)["gradient_checkpointing"] is False
+    assert trainer_args(cfg, "sft", tmp_path, cpu, SFTConfig, smoke=False)[key] is False
     asked = _cfg(tmp_path, dpo={"gradient_checkpointing": True})
-    assert (
-        trainer_args(asked, "dpo", tmp_path, GPU_PLAN, DPOConfig, smoke=False)["gradient_checkpointing"]
-        is True
-    )
+    assert trainer_args(asked, "dpo", tmp_path, GPU_PLAN, DPOConfig, smoke=False)[key] is True
+
+
+def test_checkpointing_rename_reaches_old_and_new_transformers(tmp_path: Path) -> None:
+    """The installed transformers takes activation_checkpointing (and mirrors it to the deprecated
+    gradient_checkpointing that TRL reads) without a FutureWarning; a release that only knows the
+    old name gets the old name."""
+    import dataclasses
+    import warnings
+
+    from trl import SFTConfig
+
+    @dataclasses.dataclass
+    class OldArgs:
+        gradient_checkpointing: bool = False
+        gradient_checkpointing_kwargs: dict | None = None
+
+    new = {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+    assert adapt_kwargs(OldArgs, new)[0] == {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, **adapt_kwargs(SFTConfig, new)[0])
+    assert args.gradient_checkpointing is True and args.gradient_checkpointing_kwargs == {
+        "use_reentrant": False
+    }
 
 
 def test_precision_on_this_cpu(tmp_path: Path) -> None:

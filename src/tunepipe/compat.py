@@ -18,6 +18,8 @@ RENAMED = {
     "eval_strategy": ("evaluation_strategy",),
     "processing_class": ("tokenizer",),
     "dtype": ("torch_dtype",),
+    "activation_checkpointing": ("gradient_checkpointing",),
+    "activation_checkpointing_kwargs": ("gradient_checkpointing_kwargs",),
 }
 
 

@@ -64,8 +64,9 @@ def trainer_args(
         "use_cpu": plan.device == "cpu",
         "bf16": plan.bf16_autocast or (plan.device == "cuda" and plan.dtype == "bfloat16"),
         "fp16": plan.device == "cuda" and plan.dtype == "float16",
-        "gradient_checkpointing": bool(checkpointing),
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        # transformers >= 5.2x names it activation_checkpointing; compat passes the old name to older ones.
+        "activation_checkpointing": bool(checkpointing),
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
         "dataloader_num_workers": 0,
         # LoRA under DDP uses every trainable parameter in each step: skip DDP's unused-parameter scan.
         "ddp_find_unused_parameters": False if world_size() > 1 else None,
