@@ -358,3 +358,9 @@ def test_weights_and_seeded_eval_split(tmp_path, tiny_qwen3, tiny_tokenizer) -> 
         return ev
 
     assert split(1) == split(1) and split(1) != split(2)
+
+
+def test_a_missing_data_file_is_not_taken_for_a_hub_id(tmp_path, tiny_qwen3, tiny_tokenizer) -> None:
+    """`data/train.jsonl` fits the owner/name shape of a hub id; its suffix says it is a missing file."""
+    with pytest.raises(DataError, match="data source not found: .*data/train.jsonl"):
+        _prepare(tmp_path, tiny_qwen3, tiny_tokenizer, sft="data/train.jsonl")

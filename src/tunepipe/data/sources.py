@@ -90,7 +90,8 @@ def expand(path: Path, raw: str | None = None, split: str | None = None) -> list
         )
     elif path.is_file():
         files = [path]
-    elif raw and HUB_ID.match(raw) and not raw.startswith((".", "/")):
+    elif raw and HUB_ID.match(raw) and not raw.startswith((".", "/")) and Path(raw).suffix not in SUPPORTED:
+        # `data/train.jsonl` fits the owner/name shape too, but a data-file suffix means a missing file.
         return [Input("hub", raw, split)]
     else:
         raise SourceError(f"data source not found: {path} (paths are relative to the config file)")
