@@ -153,3 +153,14 @@ def test_eval_sets_scorers_lm_eval_report_and_chat(tmp_path: Path, tiny_qwen3: P
         assert out.stdout.strip() == expected[stage], stage
     missing = tunepipe("chat", tmp_path / "nope.yaml", "--prompt", "hi")
     assert missing.returncode == 2 and "no such config file or model folder" in missing.stderr
+
+    # A stage that fails unexpectedly prints a diagnosis and saves it under logs/.
+    import shutil
+
+    shutil.rmtree(run / "dpo" / "adapter")
+    broken = tunepipe("eval", cfg, "--smoke")
+    assert broken.returncode == 1
+    saved = (run / "logs" / "eval.diagnosis.txt").read_text()
+    assert "Where" in saved and "FileNotFoundError" in saved and "dpo/adapter" in saved
+    assert json.loads((run / "logs" / "eval.diagnosis.json").read_text())["where"]["exception"]
+    assert "Where" in broken.stdout + broken.stderr

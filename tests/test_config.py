@@ -7,7 +7,8 @@ from conftest import ROOT
 
 from tunepipe.config import ConfigError, load_config, redact
 
-EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+# examples/tasks/ holds lm-evaluation-harness task definitions, not tunepipe configs.
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if "tasks" not in p.parts)
 
 
 def test_examples_exist() -> None:

@@ -302,6 +302,100 @@ def export(
 
 
 @app.command()
+def init(
+    dest: Annotated[Path, typer.Argument(help="the project folder to create", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="take the defaults without asking")] = False,
+    name: Annotated[str | None, typer.Option(help="project name (default: the folder's name)")] = None,
+    goal: Annotated[str | None, typer.Option(help="what the fine-tuning is for")] = None,
+    gpu_type: Annotated[
+        str | None, typer.Option("--gpu-type", help="H100, A100, L4, ... or cpu (default: what is here)")
+    ] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs per machine, 0 = CPU (default: those here)")] = None,
+    time_limit: Annotated[
+        str | None, typer.Option("--time-limit", help="e.g. 24h (default 30m on CPU, 24h on GPUs)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base model: hub id or local folder (default: the embedded model)")
+    ] = None,
+    methods: Annotated[str | None, typer.Option(help="sft,dpo (default both)")] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="training data: sft=PATH or dpo=PATH (repeatable; default: sample files)"),
+    ] = None,
+    benchmarks: Annotated[
+        str | None, typer.Option(help="lm-evaluation-harness task names, e.g. gsm8k,ifeval (default none)")
+    ] = None,
+    qlora: Annotated[
+        bool | None, typer.Option("--qlora/--no-qlora", help="default: on for 3B+ models on a GPU")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="write into a folder that is not empty")] = False,
+) -> None:
+    """Start a project: tunepipe.yaml (every section, commented), README.md with the brief and the
+    stage checklist, sample data, a pinned requirements.txt and accelerate/DeepSpeed configs.
+
+    Asks for the brief unless --yes; flags answer questions ahead of time. Then:
+    tunepipe run DIR/tunepipe.yaml --smoke
+    """
+    from .scaffold import (
+        ScaffoldError,
+        ask_brief,
+        brief_with,
+        default_brief,
+        parse_data_flags,
+        relative_listing,
+        scaffold,
+        split_list,
+    )
+
+    try:
+        paths = parse_data_flags(data or [])
+        brief = brief_with(
+            default_brief(dest, detect_hardware=True),
+            name=name,
+            goal=goal,
+            gpu_type=gpu_type,
+            gpus=gpus,
+            time_limit=time_limit,
+            base_model=model,
+            methods=split_list(methods) if methods else None,
+            sft_data=paths["sft"] or None,
+            dpo_data=paths["dpo"] or None,
+            benchmarks=split_list(benchmarks) if benchmarks is not None else None,
+            qlora=qlora,
+        )
+        if not yes:
+            brief = ask_brief(brief, lambda q, d: typer.prompt(q, default=d))
+        written = scaffold(dest, brief, overwrite=force)
+    except ScaffoldError as e:
+        err_console.print(f"error: {e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    for rel in relative_listing(dest, written):
+        console.print(f"  {rel}", markup=False)
+    console.print(f"next: tunepipe doctor {dest / 'tunepipe.yaml'}", markup=False)
+    console.print(f"      tunepipe run {dest / 'tunepipe.yaml'} --smoke", markup=False)
+
+
+@app.command()
+def doctor(
+    config: Annotated[
+        Path | None, typer.Argument(help="the project config (optional)", show_default=False)
+    ] = None,
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object, for machines")] = False,
+) -> None:
+    """Check this machine; with a config, also print the resolved plan for the hardware it declares
+    (attention, dtype, quantization, device map, checkpointing, effective batch), memory and time
+    estimates per stage, and every incompatible option with a one-line fix.
+
+    Exit code 0 when nothing blocks a run here (warnings allowed), 2 when something does.
+    """
+    from .doctor import run_doctor
+
+    # typer.echo, not the rich console: rich would wrap long lines and break --json.
+    raise typer.Exit(run_doctor(config, overrides or [], as_json, typer.echo))
+
+
+@app.command()
 def diagnose(
     logfile: Annotated[
         str, typer.Argument(help="the log file, or - to read it from stdin (paste, then Ctrl-D)")

@@ -59,6 +59,15 @@ def warmup_kwargs(config_cls: type, ratio: float) -> dict[str, Any]:
     return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
 
 
+def sampling_kwargs(config_cls: type, strategy: str) -> dict[str, Any]:
+    """The train sampler: `train_sampling_strategy` (random | sequential | group_by_length) since
+    transformers 5.x; before, only `group_by_length` (and no sequential: random is used then)."""
+    names = accepted_names(config_cls) or set()
+    if "train_sampling_strategy" in names:
+        return {"train_sampling_strategy": strategy}
+    return {"group_by_length": strategy == "group_by_length"} if "group_by_length" in names else {}
+
+
 def build(target: Callable[..., Any] | type, log: Callable[[str], None] | None = None, **kwargs: Any) -> Any:
     """Call `target` with the kwargs the installed version accepts, logging any dropped."""
     good, dropped = adapt_kwargs(target, kwargs)

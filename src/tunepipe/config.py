@@ -181,6 +181,8 @@ class StageTrainingConfig(Section):
     gradient_accumulation_steps: int = Field(8, ge=1)
     # auto = on for SFT on GPU, off for DPO and on CPU (where memory is plenty and time is short).
     gradient_checkpointing: Literal["auto"] | bool = "auto"
+    # Micro-batches of similar lengths (shuffled in groups): far less padding. false = plain shuffling.
+    group_by_length: bool = True
 
     @model_validator(mode="after")
     def _check_max_steps(self) -> StageTrainingConfig:
@@ -190,7 +192,12 @@ class StageTrainingConfig(Section):
 
 
 class SFTConfig(StageTrainingConfig):
+    # Pack rows into max_length sequences (best-fit decreasing); each row still attends only to itself.
     packing: bool = False
+    # Concatenate each micro-batch into one row without padding (the same rows per step as padded
+    # batches). auto = on with flash-attn (varlen kernels); with sdpa/eager it needs a block mask whose
+    # attention costs more than the padding it saves on short rows, so auto = off there.
+    padding_free: Literal["auto"] | bool = "auto"
 
 
 class DPOConfig(StageTrainingConfig):

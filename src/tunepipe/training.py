@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .compat import warmup_kwargs
+from .compat import sampling_kwargs, warmup_kwargs
 from .config import Config, StageTrainingConfig
 from .dist import is_main, world_size
 from .guards import (
@@ -36,9 +36,8 @@ def trainer_args(
     t = cfg.training
     checkpointing = s.gradient_checkpointing
     if checkpointing == "auto":
-        # Checkpointing trades ~30% compute for activation memory: worth it for SFT on a GPU; DPO's
-        # reference pass and LoRA under DDP interact badly with it, and on CPU memory is not the limit.
-        checkpointing = stage == "sft" and plan.device == "cuda"
+        # Checkpointing trades ~30% compute for activation memory: only when the memory plan needs it.
+        checkpointing = auto_checkpointing(cfg, stage, plan.device)
     batch, accum, max_steps = s.per_device_train_batch_size, s.gradient_accumulation_steps, s.max_steps
     if smoke:
         batch, accum, max_steps = min(batch, 2), 1, SMOKE_STEPS
@@ -51,6 +50,9 @@ def trainer_args(
         "max_steps": max_steps,
         "lr_scheduler_type": t.lr_scheduler_type,
         **warmup_kwargs(config_cls, t.warmup_ratio),
+        # SFT: transformers' length-grouped sampler. DPO: its rows are put in length-grouped order
+        # beforehand (TRL's DPO dataset has no input_ids for that sampler) and read in that order.
+        **sampling_kwargs(config_cls, _sampler(stage, s.group_by_length)),
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
         "optim": t.optim,
@@ -81,6 +83,27 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def auto_checkpointing(cfg: Config, stage: str, device: str) -> bool:
+    if device != "cuda":
+        return False
+    import torch
+
+    from .modeling import local_rank
+    from .planner import checkpointing_decision
+
+    # This GPU's memory; without a visible GPU (a plan made elsewhere) hardware.gpu_memory_gb decides.
+    memory = None
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(local_rank()).total_memory
+    return checkpointing_decision(cfg, stage, device="cuda", memory_bytes=memory)[0]  # type: ignore[arg-type]
+
+
+def _sampler(stage: str, group_by_length: bool) -> str:
+    if not group_by_length:
+        return "random"
+    return "group_by_length" if stage == "sft" else "sequential"
 
 
 def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
@@ -196,7 +219,34 @@ class Training:
     def _check_losses(self, trainer: Any) -> None:
         _check_losses_of(trainer, self.stage)
 
+    def _planned_start(self, batch: int, accum: int) -> tuple[int, int]:
+        """On a CUDA GPU, start from the largest micro-batch the memory planner expects to fit (same
+        effective batch) instead of learning it from an OOM and a restart. CPU and smoke runs: unchanged.
+        The halving on OOM in `run` still catches what the estimate misses."""
+        import torch
+
+        if not torch.cuda.is_available() or self.ctx.smoke or self.stage not in ("sft", "dpo"):
+            return batch, accum
+        from .modeling import local_rank
+        from .planner import PlannerError, starting_batch
+
+        total = torch.cuda.get_device_properties(local_rank()).total_memory
+        try:
+            planned, _ = starting_batch(self.ctx.cfg, self.stage, total, device="cuda")  # type: ignore[arg-type]
+        except PlannerError:
+            return batch, accum
+        if planned >= batch or batch % planned:
+            return batch, accum
+        change = (
+            f"memory planner: micro-batch {batch} -> {planned}, gradient accumulation {accum} -> "
+            f"{accum * batch // planned} (the estimated peak at {batch} is above {total / 2**30:.0f} GiB)"
+        )
+        self.batch_changes.append(change)
+        self.ctx.log(f"{self.stage}: {change}")
+        return planned, accum * batch // planned
+
     def run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
+        batch, accum = self._planned_start(batch, accum)
         while True:
             trainer = build(batch, accum)
             self._check_losses(trainer)

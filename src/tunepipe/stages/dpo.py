@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import compat
+from ..collators import length_grouped_order
 from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
 from ..dist import world_size
@@ -31,18 +32,32 @@ def _loss_kwargs(d: DPOSection) -> dict[str, Any]:
     return {"loss_type": [d.loss_type]}
 
 
+def _pair_chars(r: dict[str, Any]) -> int:
+    """A length proxy for grouping (characters, no tokenizer pass): prompt plus the longer reply."""
+
+    def chars(msgs: Any) -> int:
+        return sum(len(str(m.get("content", ""))) for m in msgs) if isinstance(msgs, list) else len(str(msgs))
+
+    return chars(r["prompt"]) + max(chars(r["chosen"]), chars(r["rejected"]))
+
+
 def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     cfg, out = ctx.cfg, ctx.stage_dir("dpo")
     rows = read_split(ctx.data_dir, "dpo_train")
+    d = cfg.dpo
+    if d.group_by_length:
+        # Chosen and rejected are padded to the longest of the micro-batch: similar lengths together.
+        group = d.per_device_train_batch_size * d.gradient_accumulation_steps
+        order = length_grouped_order([_pair_chars(r) for r in rows], group, cfg.training.seed)
+        rows = [rows[i] for i in order]
     train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
     plan = plan_for(cfg.model)
     ctx.log(f"dpo: {len(rows)} pairs; {plan.reason}; attention: {plan.attn_reason}")
     tok = load_tokenizer(cfg, log=ctx.log)
-    d = cfg.dpo
     base_args = trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke)
     training = Training(ctx, "dpo", out)
 

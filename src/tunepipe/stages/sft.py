@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import compat
+from ..collators import BlockCausalMask, needs_block_mask
 from ..data.prepare import read_split
 from ..dist import world_size
 from ..modeling import (
@@ -21,6 +22,13 @@ from ..modeling import (
 )
 from ..training import Training, loss_gate, read_log, save_result, trainer_args
 from . import StageContext, StageResult
+
+
+def resolve_padding_free(setting: str | bool, attn_implementation: str) -> bool:
+    """auto: padding-free only where varlen kernels make it free (flash-attn); see config.SFTConfig."""
+    if setting == "auto":
+        return not needs_block_mask(attn_implementation)
+    return bool(setting)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -48,14 +56,29 @@ def run(ctx: StageContext) -> StageResult:
             )
         return model
 
+    padding_free = resolve_padding_free(cfg.sft.padding_free, plan.attn_implementation)
+    flat = padding_free or cfg.sft.packing  # one row per micro-batch, sequences told apart by position ids
+    if flat:
+        ctx.log(
+            f"sft: {'packing' if cfg.sft.packing else 'padding-free batches'}"
+            + (" with a block-causal mask (sdpa/eager)" if needs_block_mask(plan.attn_implementation) else "")
+        )
+
     def build(batch: int, accum: int) -> Any:
+        overrides = {"per_device_train_batch_size": batch, "gradient_accumulation_steps": accum}
+        if flat:
+            # Concatenated rows have no padding to group by; rows are already cut to data.max_length.
+            overrides.update(compat.sampling_kwargs(SFTConfig, "random"))
+            if not cfg.sft.packing:
+                overrides["max_length"] = None
         args = compat.build(
             SFTConfig,
             log=ctx.log,
             packing=cfg.sft.packing,
-            **{**base_args, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum},
+            padding_free=padding_free,
+            **{**base_args, **overrides},
         )
-        return compat.build(
+        trainer = compat.build(
             SFTTrainer,
             log=ctx.log,
             model=_model(),
@@ -65,6 +88,9 @@ def run(ctx: StageContext) -> StageResult:
             peft_config=lora_config(cfg.sft) if uses_lora(cfg.sft) else None,
             callbacks=training.callbacks,
         )
+        if flat and needs_block_mask(plan.attn_implementation):
+            trainer.data_collator = BlockCausalMask(trainer.data_collator)
+        return trainer
 
     result = training.run(
         build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
