@@ -1,6 +1,9 @@
 """GPU check (never in CI): QLoRA SFT + DPO on the embedded model for a few minutes on one CUDA GPU.
 
-Writes tokens/s, peak memory and MFU per stage to a JSON file:
+Writes tokens/s, peak memory and MFU per stage to a JSON file, for two variants of the same run:
+`optimized` (tunepipe's defaults: length-grouped batches, padding-free SFT where flash-attn works,
+gradient checkpointing only when the memory plan needs it) and `plain` (those off, checkpointing on,
+as TRL's defaults have it):
 
     python scripts/gpu_check.py --out gpu_check.json [--sft-steps 60] [--dpo-steps 30]
 
@@ -80,43 +83,65 @@ def main() -> int:
                 }
             )
         )
-        cfg = load_config(cfg_path)
-        run = run_dir_for(cfg, False)
-        results: dict = {"gpu": gpu, "torch": torch.__version__, "peak_bf16_flops": peak, "stages": {}}
-        run_pipeline(cfg, stages=["data"], echo=print)
-        from transformers import AutoModelForCausalLM
-
-        from tunepipe.modeling import model_path
-
-        n_params = AutoModelForCausalLM.from_pretrained(model_path(cfg)).num_parameters()
-        results["model_parameters"] = n_params
-        stats = json.loads((run / "data" / "stats.json").read_text())["splits"]
-        for stage, per_token in (("sft", 4), ("dpo", 6)):
-            torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
-            run_pipeline(cfg, stages=[stage], echo=print)
-            wall = time.time() - t0
-            out = json.loads((run / stage / "stage.json").read_text())["outputs"]
-            s = getattr(cfg, stage)
-            seqs = out["steps"] * s.per_device_train_batch_size * s.gradient_accumulation_steps
-            tokens = (
-                seqs * stats[f"{stage}_train"]["mean"] * (2 if stage == "dpo" else 1)
-            )  # approx: mean length
-            runtime = out.get("train_runtime_s") or wall
-            tps = tokens / runtime
-            results["stages"][stage] = {
-                "steps": out["steps"],
-                "train_runtime_s": runtime,
-                "wall_s": round(wall, 1),
-                "tokens_per_s_approx": round(tps),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                "mfu": round(tps * per_token * n_params / peak, 4) if peak else None,
-            }
-        run_pipeline(cfg, stages=["eval"], echo=print)
-        results["metrics"] = json.loads((run / "eval" / "metrics.json").read_text())
+        results: dict = {"gpu": gpu, "torch": torch.__version__, "peak_bf16_flops": peak, "variants": {}}
+        for variant, overrides in VARIANTS.items():
+            cfg = load_config(cfg_path, [*overrides, f"project.output_dir={Path(tmp) / variant}"])
+            results["variants"][variant] = _stages(cfg, peak, run_pipeline, run_dir_for)
+            if variant == "optimized":
+                run_pipeline(cfg, stages=["eval"], echo=print)
+                results["metrics"] = json.loads(
+                    (run_dir_for(cfg, False) / "eval" / "metrics.json").read_text()
+                )
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
+
+
+# The optimizations switched off one by one would take too long here; `plain` switches them all off.
+VARIANTS = {
+    "optimized": [],
+    "plain": [
+        "sft.group_by_length=false",
+        "sft.padding_free=false",
+        "sft.gradient_checkpointing=true",
+        "dpo.group_by_length=false",
+        "dpo.gradient_checkpointing=true",
+    ],
+}
+
+
+def _stages(cfg, peak, run_pipeline, run_dir_for) -> dict:  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunepipe.modeling import model_path
+
+    run = run_dir_for(cfg, False)
+    results: dict = {}
+    run_pipeline(cfg, stages=["data"], echo=print)
+    n_params = AutoModelForCausalLM.from_pretrained(model_path(cfg)).num_parameters()
+    results["model_parameters"] = n_params
+    stats = json.loads((run / "data" / "stats.json").read_text())["splits"]
+    for stage, per_token in (("sft", 4), ("dpo", 6)):
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        run_pipeline(cfg, stages=[stage], echo=print)
+        wall = time.time() - t0
+        out = json.loads((run / stage / "stage.json").read_text())["outputs"]
+        s = getattr(cfg, stage)
+        seqs = out["steps"] * s.per_device_train_batch_size * s.gradient_accumulation_steps
+        tokens = seqs * stats[f"{stage}_train"]["mean"] * (2 if stage == "dpo" else 1)  # approx: mean length
+        runtime = out.get("train_runtime_s") or wall
+        tps = tokens / runtime
+        results[stage] = {
+            "steps": out["steps"],
+            "train_runtime_s": runtime,
+            "wall_s": round(wall, 1),
+            "tokens_per_s_approx": round(tps),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "mfu": round(tps * per_token * n_params / peak, 4) if peak else None,
+        }
+    return results
 
 
 if __name__ == "__main__":

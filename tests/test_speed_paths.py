@@ -108,6 +108,7 @@ def _trainer(tmp_path: Path, model_dir: Path, group: bool, padding_free: bool = 
     from trl import SFTConfig, SFTTrainer
 
     from tunepipe import compat
+    from tunepipe.collators import length_grouped_order
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = SFTConfig(
@@ -121,9 +122,12 @@ def _trainer(tmp_path: Path, model_dir: Path, group: bool, padding_free: bool = 
         padding_free=padding_free,
         max_length=None if padding_free else 128,
         seed=0,
-        **compat.sampling_kwargs(SFTConfig, "group_by_length" if group else "random"),
+        **compat.sampling_kwargs(SFTConfig, "sequential" if group else "random"),
     )
-    data = Dataset.from_list(_examples(n=256, seed=1))
+    rows = _examples(n=256, seed=1)
+    if group:  # what the SFT stage does: a seeded length-grouped order, read sequentially
+        rows = [rows[i] for i in length_grouped_order([len(r["input_ids"]) for r in rows], 4, seed=0)]
+    data = Dataset.from_list(rows)
     from peft import LoraConfig
 
     trainer = SFTTrainer(

@@ -50,9 +50,10 @@ def trainer_args(
         "max_steps": max_steps,
         "lr_scheduler_type": t.lr_scheduler_type,
         **warmup_kwargs(config_cls, t.warmup_ratio),
-        # SFT: transformers' length-grouped sampler. DPO: its rows are put in length-grouped order
-        # beforehand (TRL's DPO dataset has no input_ids for that sampler) and read in that order.
-        **sampling_kwargs(config_cls, _sampler(stage, s.group_by_length)),
+        # Length grouping: the stage puts its rows in a seeded length-grouped order and the trainer
+        # reads them in that order. (transformers' LengthGroupedSampler draws from the global RNG,
+        # so a run resumed in a later epoch would see another order than the uninterrupted one.)
+        **sampling_kwargs(config_cls, "sequential" if s.group_by_length else "random"),
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
         "optim": t.optim,
@@ -98,12 +99,6 @@ def auto_checkpointing(cfg: Config, stage: str, device: str) -> bool:
     if torch.cuda.is_available():
         memory = torch.cuda.get_device_properties(local_rank()).total_memory
     return checkpointing_decision(cfg, stage, device="cuda", memory_bytes=memory)[0]  # type: ignore[arg-type]
-
-
-def _sampler(stage: str, group_by_length: bool) -> str:
-    if not group_by_length:
-        return "random"
-    return "group_by_length" if stage == "sft" else "sequential"
 
 
 def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import compat
-from ..collators import BlockCausalMask, needs_block_mask
+from ..collators import BlockCausalMask, length_grouped_order, needs_block_mask
 from ..data.prepare import read_split
 from ..dist import world_size
 from ..modeling import (
@@ -37,10 +37,17 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg, out = ctx.cfg, ctx.stage_dir("sft")
     rows = read_split(ctx.data_dir, "sft_train")
+    plan = plan_for(cfg.model)
+    padding_free = resolve_padding_free(cfg.sft.padding_free, plan.attn_implementation)
+    flat = padding_free or cfg.sft.packing  # one row per micro-batch, sequences told apart by position ids
+    if cfg.sft.group_by_length and not flat:
+        # Micro-batches of similar lengths pad little (read in this order: trainer_args' sampler).
+        group = cfg.sft.per_device_train_batch_size * cfg.sft.gradient_accumulation_steps
+        order = length_grouped_order([len(r["input_ids"]) for r in rows], group, cfg.training.seed)
+        rows = [rows[i] for i in order]
     # Only the tokenized columns: SFTTrainer sees input_ids and uses our labels as they are.
     train = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
 
-    plan = plan_for(cfg.model)
     ctx.log(f"sft: {len(rows)} conversations; {plan.reason}; attention: {plan.attn_reason}")
     tok = load_tokenizer(cfg, log=ctx.log)
     base_args = trainer_args(cfg, "sft", out, plan, SFTConfig, ctx.smoke)
@@ -56,8 +63,6 @@ def run(ctx: StageContext) -> StageResult:
             )
         return model
 
-    padding_free = resolve_padding_free(cfg.sft.padding_free, plan.attn_implementation)
-    flat = padding_free or cfg.sft.packing  # one row per micro-batch, sequences told apart by position ids
     if flat:
         ctx.log(
             f"sft: {'packing' if cfg.sft.packing else 'padding-free batches'}"
