@@ -47,9 +47,10 @@ format: dev  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests bench scripts
 	$(BIN)/ruff format src tests bench scripts
 
-bench: install  ## benchmarks (bench/*.py): data preparation cold/warm, batched generation
+bench: install  ## benchmarks (bench/*.py): batched generation, data preparation, SFT/DPO speed vs plain TRL
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/train_speed.py
 
 clean:  ## remove run folders (keeps .venv and the model cache)
 	rm -rf runs

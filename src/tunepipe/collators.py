@@ -50,7 +50,7 @@ def needs_block_mask(attn_implementation: str) -> bool:
 def length_grouped_order(lengths: list[int], group: int, seed: int) -> list[int]:
     """A shuffled order in which every run of `group` consecutive rows has similar lengths.
 
-    Like transformers' LengthGroupedSampler: shuffle, cut into mega-batches of 50 groups, sort each
+    Like transformers' LengthGroupedSampler: shuffle, cut into mega-batches of 4-50 groups, sort each
     by length (longest first), then shuffle the groups, so batches pad little yet the data order
     stays random between groups. Deterministic for a seed (resume replays the same order)."""
     import random
@@ -58,7 +58,8 @@ def length_grouped_order(lengths: list[int], group: int, seed: int) -> list[int]
     rng = random.Random(seed)
     idx = list(range(len(lengths)))
     rng.shuffle(idx)
-    mega = max(group, group * min(50, max(1, len(idx) // (group * 4))))
+    # At least 4 groups per mega-batch, or small datasets (a few groups) would not be grouped at all.
+    mega = group * min(50, max(4, len(idx) // (group * 4)))
     ordered: list[int] = []
     for i in range(0, len(idx), mega):
         ordered += sorted(idx[i : i + mega], key=lambda j: -lengths[j])
