@@ -309,7 +309,8 @@ def test_init_command_yes_and_refusing_a_non_empty_folder(tmp_path: Path) -> Non
     dest = tmp_path / "demo"
     first = tunepipe("init", dest, "--yes", "--time-limit", "20m")
     assert first.returncode == 0, first.stderr
-    assert "tunepipe.yaml" in first.stdout and f"tunepipe run {dest / 'tunepipe.yaml'} --smoke" in first.stdout
+    assert "tunepipe.yaml" in first.stdout
+    assert f"tunepipe run {dest / 'tunepipe.yaml'} --smoke" in first.stdout
     cfg = load_config(dest / "tunepipe.yaml")
     assert cfg.hardware.time_limit == "20m" and cfg.project.name == "demo"
     again = tunepipe("init", dest, "--yes")

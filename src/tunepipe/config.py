@@ -71,6 +71,12 @@ class HardwareConfig(Section):
     def time_limit_s(self) -> float | None:
         return parse_duration(self.time_limit) if self.time_limit else None
 
+    def share(self, stage: str, among: list[str]) -> float:
+        """`stage`'s fraction of the time, its time_shares entry normalised over the stages `among`
+        (those still to run, or all enabled ones). The pipeline, planner, doctor and report use this."""
+        total = sum(self.time_shares.get(s, 0.0) for s in among)
+        return self.time_shares.get(stage, 0.0) / total if total else 0.0
+
 
 class ModelConfig(Section):
     name_or_path: str = "smollm2-135m-instruct"

@@ -541,17 +541,6 @@ def _batch(cfg: Config, stage: str) -> dict[str, int]:
     }
 
 
-def _stage_budget(cfg: Config, stage: str) -> float | None:
-    """This stage's share of hardware.time_limit when the whole pipeline runs (as the pipeline shares it)."""
-    limit = cfg.hardware.time_limit_s
-    if limit is None:
-        return None
-    shares = cfg.hardware.time_shares
-    todo = ["data", *(s for s in STAGES if getattr(cfg, s).enabled), "eval", "report"]
-    total = sum(shares.get(s, 0.0) for s in todo) or 1.0
-    return limit * shares.get(stage, 0.0) / total
-
-
 def _device_memory_gb(cfg: Config, env: Environment) -> tuple[float | None, str]:
     if cfg.hardware.gpus == 0:
         return env.ram_gb, "RAM"
@@ -617,10 +606,12 @@ def _memory(cfg: Config, stage: str, env: Environment, shape: Any, why_not: str)
 
 
 def _time(cfg: Config, stage: str, shape: Any, why_not: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"budget_s": _stage_budget(cfg, stage), "time_limit": cfg.hardware.time_limit}
+    from .planner import estimate_time, stage_budget_seconds
+
+    budget = stage_budget_seconds(cfg, stage)  # type: ignore[arg-type]
+    out: dict[str, Any] = {"budget_s": budget, "time_limit": cfg.hardware.time_limit}
     if shape is None:
         return {**out, "available": False, "reason": why_not}
-    from .planner import estimate_time
 
     device = "cuda" if cfg.hardware.gpus > 0 else "cpu"
     try:

@@ -366,10 +366,8 @@ def _stage_deadline(cfg: Config, name: str, selected: list[str], budget_end: flo
             f"[{name}] not started: hardware.time_limit {cfg.hardware.time_limit} is used up; "
             "run again to continue"
         )
-    shares = cfg.hardware.time_shares
     todo = [s for s in ORDER[ORDER.index(name) :] if s in selected and enabled(cfg, s)]
-    total = sum(shares.get(s, 0.0) for s in todo) or 1.0
-    return time.time() + left * shares.get(name, 0.0) / total
+    return time.time() + left * cfg.hardware.share(name, todo)
 
 
 def _run_stage(

@@ -860,10 +860,8 @@ def stage_budget_seconds(cfg: Config, stage: Stage) -> float | None:
     limit = cfg.hardware.time_limit_s
     if limit is None:
         return None
-    shares = cfg.hardware.time_shares
-    on = {k: v for k, v in shares.items() if k not in ("sft", "dpo") or getattr(cfg, k).enabled}
-    total = sum(on.values())
-    return limit * on.get(stage, 0.0) / total if total else None
+    on = [k for k in cfg.hardware.time_shares if k not in ("sft", "dpo") or getattr(cfg, k).enabled]
+    return limit * cfg.hardware.share(stage, on) if stage in on else None
 
 
 def split_stats(cfg: Config, stage: Stage) -> tuple[int, float] | None:

@@ -154,15 +154,13 @@ def stage_time_table(run: RunData, cfg: Config | None) -> list[list[str]]:
     """Each stage's last run time against its planned share of hardware.time_limit."""
     stages = run.pipeline.get("stages", {})
     limit = cfg.hardware.time_limit_s if cfg else None
-    shares = cfg.hardware.time_shares if cfg else {}
     active = [s for s, rec in stages.items() if rec.get("status") != "disabled"]
-    total_share = sum(shares.get(s, 0.0) for s in active) or 1.0
     rows = [["stage", "status", "time", "budget", "summary"]]
     used = 0.0
     for name, rec in stages.items():
         secs = rec.get("seconds")
         used += secs or 0.0
-        budget = limit * shares.get(name, 0.0) / total_share if limit and name in active else None
+        budget = limit * cfg.hardware.share(name, active) if cfg and limit and name in active else None
         summary = (rec.get("summary") or rec.get("error") or "")[:140]
         status = rec.get("status", "?")
         if name == "report" and status == "running":
