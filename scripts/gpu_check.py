@@ -104,7 +104,9 @@ VARIANTS = {
         "sft.group_by_length=false",
         "sft.padding_free=false",
         "sft.gradient_checkpointing=true",
+        "sft.lm_head_loss_positions_only=false",  # no-op on CUDA (TRL already does it): listed for CPU runs
         "dpo.group_by_length=false",
+        "dpo.lm_head_loss_positions_only=false",
         "dpo.gradient_checkpointing=true",
     ],
 }

@@ -76,6 +76,7 @@ def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
         log = [json.loads(x) for x in (run / stage / "log.jsonl").read_text().splitlines()]
         assert len(log) >= 2 and all("step" in r and "loss" in r for r in log)
         assert json.loads((run / stage / "stage.json").read_text())["status"] == "done"
+        assert f"{stage}: LM head projects only the loss-bearing positions" in first.stdout
     # The DPO adapter is new and trained on top of the merged SFT weights, so the two differ.
     sft_b, dpo_b = _lora_tensors(run / "sft" / "adapter"), _lora_tensors(run / "dpo" / "adapter")
     k = next(k for k in sft_b if "lora_B" in k)
@@ -97,8 +98,11 @@ def test_smoke_run_trains_writes_the_run_folder_and_skips_when_up_to_date(
     if arch != "qwen3":
         return
     _export_equals_adapter_model(cfg, run, tmp_path / "exported")
-    changed = tunepipe("run", cfg, "--smoke", "sft.learning_rate=5e-3")
+    changed = tunepipe(
+        "run", cfg, "--smoke", "sft.learning_rate=5e-3", "sft.lm_head_loss_positions_only=false"
+    )
     assert changed.returncode == 0, changed.stdout[-3000:]
+    assert "sft: LM head projects" not in changed.stdout and "dpo: LM head projects" in changed.stdout
     assert _skipped(changed.stdout) == ["data"] and _ran(changed.stdout) == ["sft", "dpo", "eval", "report"]
     new_b = _lora_tensors(run / "sft" / "adapter")
     assert not (new_b[k] == sft_b[k]).all()

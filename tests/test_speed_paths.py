@@ -178,3 +178,63 @@ def test_length_grouped_order_is_a_seeded_permutation_with_similar_neighbours() 
     random.Random(1).shuffle(shuffled)
     assert padding(order) < 0.2 * padding(shuffled)
     assert max(lengths[j] for j in order[:8]) == max(lengths)  # the longest group first
+
+
+def _head_pass(model_dir: Path, batch: dict, compact: bool) -> tuple[dict, dict, list[int]]:
+    """One forward + backward through TRL's fused LM head (as DPOTrainer patches it), with or without
+    tunepipe's loss-positions-only switch; returns the per-token outputs, the gradients and the row
+    counts the vocabulary projection was given (a spy on TRL's chunked log-prob function)."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer import utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunepipe.compat import lm_head_on_loss_positions
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    rows: list[int] = []
+    real = utils._ChunkedLogProbFunction
+
+    class Spy:  # counts the hidden rows projected through the vocabulary, then does the real work
+        @staticmethod
+        def apply(hidden, *args):
+            rows.append(hidden.shape[0])
+            return real.apply(hidden, *args)
+
+    utils._ChunkedLogProbFunction = Spy
+    try:
+        with lm_head_on_loss_positions(compact) as applied:
+            assert applied is compact
+            out = model(**batch, fused_lm_head=True)
+            out.loss.backward()
+    finally:
+        utils._ChunkedLogProbFunction = real
+    fields = {k: getattr(out, k).detach().float() for k in ("log_probs", "entropy", "mean_logits", "is_top1")}
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    return fields, grads, rows
+
+
+def test_lm_head_on_loss_positions_gives_the_same_loss_and_gradients_for_less_work(tiny_qwen3: Path) -> None:
+    from trl.trainer import utils
+
+    ex = _examples(n=4, seed=2)
+    width = max(len(e["input_ids"]) for e in ex)
+    ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in ex])
+    labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in ex])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e["input_ids"]) for e in ex])[:, None]).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    before = utils._use_triton
+
+    plain, plain_grads, plain_rows = _head_pass(tiny_qwen3, batch, compact=False)
+    compact, compact_grads, compact_rows = _head_pass(tiny_qwen3, batch, compact=True)
+
+    assert utils._use_triton is before  # the switch is undone when the context closes
+    loss_positions = int((labels[:, 1:] != -100).sum())
+    assert plain_rows == [ids.shape[0] * (width - 1)]  # TRL on CPU: every position, padding included
+    assert compact_rows == [loss_positions] and loss_positions < 0.5 * plain_rows[0]
+    for k in plain:
+        assert torch.allclose(plain[k], compact[k], atol=TOL), k
+    assert plain_grads.keys() == compact_grads.keys() and plain_grads
+    for k in plain_grads:
+        assert torch.allclose(plain_grads[k], compact_grads[k], atol=TOL), k

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # new name -> older names that the same setting had in earlier releases
@@ -96,3 +97,47 @@ def version_tuple(package: str) -> tuple[int, ...]:
 def dtype_kwarg(dtype: Any) -> dict[str, Any]:
     """from_pretrained takes `dtype` since transformers 4.56 and `torch_dtype` before."""
     return {"dtype": dtype} if version_tuple("transformers") >= (4, 56) else {"torch_dtype": dtype}
+
+
+@contextmanager
+def lm_head_on_loss_positions(
+    enabled: bool = True, log: Callable[[str], None] | None = None
+) -> Iterator[bool]:
+    """While active, TRL's fused LM head projects only the loss-bearing positions through the vocabulary
+    on CPU too; yields whether that applies.
+
+    TRL >= 1.x scores tokens through `add_fused_lm_head` (SFTTrainer, DPOTrainer). It projects only the
+    positions whose label is not -100 where Triton runs (CUDA, XPU) and every position elsewhere, so that
+    compiled backends (Neuron) see fixed tile shapes. On CPU that means the prompt, the padding and, with
+    assistant-only loss, the user turns all go through the [hidden x vocabulary] projection and its
+    backward. CPU compiles nothing: there the compact path gives the same values (masked positions are 0
+    either way) for less work. The switch is TRL's own decision function (`_use_triton` as read by
+    `add_fused_lm_head`), extended to CPU while the context is open and restored after; a TRL whose head
+    is built differently is left alone (yields False).
+    """
+    utils: Any = None
+    if enabled:
+        try:
+            from trl.trainer import utils
+        except ImportError:  # TRL without the fused head: nothing to switch
+            utils = None
+    original = getattr(utils, "_use_triton", None)
+    head = getattr(utils, "add_fused_lm_head", None)
+    try:
+        source = inspect.getsource(head) if head is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    if original is None or "compact = _use_triton(" not in source:
+        if enabled and log:
+            log("compat: the installed TRL has no switchable fused LM head; positions scored as TRL decides")
+        yield False
+        return
+
+    def use_compact(device: Any) -> bool:
+        return bool(original(device)) or getattr(device, "type", None) == "cpu"
+
+    utils._use_triton = use_compact
+    try:
+        yield True
+    finally:
+        utils._use_triton = original

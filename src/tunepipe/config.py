@@ -189,6 +189,9 @@ class StageTrainingConfig(Section):
     gradient_checkpointing: Literal["auto"] | bool = "auto"
     # Micro-batches of similar lengths (shuffled in groups): far less padding. false = plain shuffling.
     group_by_length: bool = True
+    # Project only the loss-bearing positions (replies, not prompts or padding) through the vocabulary.
+    # TRL does this on CUDA; on CPU it projects every position. Same loss; false = TRL's choice.
+    lm_head_loss_positions_only: bool = True
 
     @model_validator(mode="after")
     def _check_max_steps(self) -> StageTrainingConfig:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .compat import sampling_kwargs, warmup_kwargs
+from .compat import lm_head_on_loss_positions, sampling_kwargs, warmup_kwargs
 from .config import Config, StageTrainingConfig
 from .dist import is_main, world_size
 from .guards import (
@@ -198,6 +198,7 @@ class Training:
         self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
         self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
         self.batch_changes: list[str] = []
+        self._said_compact = False
         self._prepare()
 
     def _prepare(self) -> None:
@@ -248,8 +249,13 @@ class Training:
             if self.resume:
                 self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
             self.stop.install_signal_handlers()
+            section: StageTrainingConfig = getattr(self.ctx.cfg, self.stage)
             try:
-                result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+                with lm_head_on_loss_positions(section.lm_head_loss_positions_only, self.ctx.log) as compact:
+                    if compact and not self._said_compact:
+                        self._said_compact = True
+                        self.ctx.log(f"{self.stage}: LM head projects only the loss-bearing positions")
+                    result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
                 self.trainer = trainer
                 break
             except NonFiniteLoss as e:
