@@ -50,7 +50,7 @@ format: dev  ## apply ruff fixes and formatting
 bench: install  ## benchmarks (bench/*.py): batched generation, data preparation, SFT/DPO speed vs plain TRL
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/data_prepare.py
-	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/train_speed.py --ablate
 
 clean:  ## remove run folders (keeps .venv and the model cache)
 	rm -rf runs

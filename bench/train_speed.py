@@ -81,10 +81,38 @@ METRICS = [
 # --------------------------------------------------------------------------- the tunepipe contender
 
 
+# Each optimization measured on its own (--ablate): tunepipe's defaults with one switch flipped. The
+# first ones turn an optimization off; the "on" ones are what `auto` leaves off on CPU.
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "sft": [
+        ("group_by_length off", {"sft.group_by_length": False}),
+        ("lm_head_loss_positions_only off", {"sft.lm_head_loss_positions_only": False}),
+        ("gradient_checkpointing on", {"sft.gradient_checkpointing": True}),
+        ("bf16 autocast off (model.dtype float32)", {"model.dtype": "float32"}),
+        ("padding_free on (block mask)", {"sft.padding_free": True}),
+        ("packing on (block mask)", {"sft.packing": True}),
+    ],
+    "dpo": [
+        ("group_by_length off", {"dpo.group_by_length": False}),
+        ("lm_head_loss_positions_only off", {"dpo.lm_head_loss_positions_only": False}),
+        ("gradient_checkpointing on", {"dpo.gradient_checkpointing": True}),
+        ("bf16 autocast off (model.dtype float32)", {"model.dtype": "float32"}),
+        ("reference precompute (not adapter)", {"dpo.reference": "precompute"}),
+    ],
+}
+
+
 def tunepipe_config(
-    work: Path, stage: str, run: str, data: Path, args: argparse.Namespace, model: str
+    work: Path,
+    stage: str,
+    run: str,
+    data: Path,
+    args: argparse.Namespace,
+    model: str,
+    overrides: dict[str, Any] | None = None,
 ) -> Path:
-    """A tunepipe.yaml for one run: the same shared settings as the TRL scripts' arguments."""
+    """A tunepipe.yaml for one run: the same shared settings as the TRL scripts' arguments, then
+    `overrides` (dotted keys, as on tunepipe's command line)."""
     lora = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"}
     section = {
         "method": "lora",
@@ -109,6 +137,12 @@ def tunepipe_config(
         "dpo": section if stage == "dpo" else {"enabled": False},
         "eval": {"models": ["base", stage], "sets": []},
     }
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     path = work / f"{run}.json"  # JSON is YAML: no yaml import needed here
     path.write_text(json.dumps(cfg, indent=2))
     return path
@@ -194,6 +228,43 @@ def commands(
     ]
     ours = [py, str(Path(__file__).resolve()), "--child-tunepipe", str(cfg), "--stage", stage]
     return {"tunepipe": ours, "trl": plain}
+
+
+def ablate(
+    stage: str, work: Path, data: Path, args: argparse.Namespace, defaults: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each optimization on its own: one tunepipe run per ABLATIONS entry (the defaults with that one
+    switch flipped), compared with the median of the defaults runs of this invocation."""
+    base = median([r["samples_per_s"] for r in defaults]) or float("nan")
+    out = []
+    print(f"\n[{stage}] each optimization on its own: the defaults, one switch flipped", flush=True)
+    for i, (label, overrides) in enumerate(ABLATIONS[stage]):
+        run = f"tunepipe-{stage}-ablate-{i}"
+        cfg = tunepipe_config(work, stage, run, data, args, args.model, overrides)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-tunepipe", str(cfg), "--stage", stage]
+        r = run_contender(cmd, work / f"{run}.log", args.timeout)
+        r.update(variant=label, overrides=overrides, vs_defaults=round(r["samples_per_s"] / base, 3))
+        out.append(r)
+        print(
+            f"  {label:42s} {r['samples_per_s']:.3f} samples/s ({r['vs_defaults']:.2f}x the defaults), "
+            f"padding {r['padding_share']:.1%}, loss {r['final_loss']}",
+            flush=True,
+        )
+    rows = [
+        ("defaults (median)", [base, 1.0, median([r["padding_share"] for r in defaults]), None, None]),
+        *(
+            (
+                r["variant"],
+                [r["samples_per_s"], r["vs_defaults"], r["padding_share"], r["final_loss"], r["peak_rss_mb"]],
+            )
+            for r in out
+        ),
+    ]
+    print(
+        table(rows, ["variant", "samples/s", "vs defaults", "padding", "final loss", "peak RSS MB"])
+        + "\n(below 1.0x: the switch flipped costs speed, i.e. the default setting gains it)"
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- eval after training
@@ -330,6 +401,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per contender run")
     ap.add_argument("--out", type=Path, help="write the results JSON here (default: inside the work folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (data, run folders, logs)")
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run tunepipe once per optimization switched on its own (see ABLATIONS)",
+    )
     ap.add_argument("--child-tunepipe", help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -390,6 +466,8 @@ def main() -> None:
             # Training is seeded and deterministic: the first run of each contender stands for its adapter.
             evals = evaluate(stage, model_dir, {n: runs[n][0]["adapter"] for n in runs}, held)
             summary[stage] = report_stage(stage, runs, evals, len(held))
+            if args.ablate:
+                summary[stage]["ablation"] = ablate(stage, work, data, args, runs["tunepipe"])
         summary["load_avg_end"] = os.getloadavg()
         summary["total_s"] = round(time.perf_counter() - STARTED, 1)
         verdicts = [f"{s}: {'PASS' if summary[s]['pass'] else 'FAIL'}" for s in stages]

@@ -139,3 +139,15 @@ def test_precision_on_this_cpu(tmp_path: Path) -> None:
     gpu_fp16 = Plan("cuda", "sdpa", "", "float16", False, "an older GPU without bf16")
     args = trainer_args(_cfg(tmp_path), "sft", tmp_path, gpu_fp16, SFTConfig, smoke=False)
     assert args["fp16"] is True and args["bf16"] is False  # fp16 brings the trainer's loss scaling
+
+
+def test_float32_switches_cpu_autocast_off(tmp_path: Path) -> None:
+    """model.dtype: float32 is fp32 throughout (no bf16 autocast), so the autocast gain can be measured
+    on its own; auto keeps it where the CPU has bf16."""
+    from trl import SFTConfig
+
+    cfg = _cfg(tmp_path)
+    cfg.model.dtype = "float32"
+    plan = plan_for(cfg.model)
+    assert plan.device == "cpu" and plan.dtype == "float32" and plan.bf16_autocast is False
+    assert trainer_args(cfg, "sft", tmp_path, plan, SFTConfig, smoke=False)["bf16"] is False

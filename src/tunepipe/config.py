@@ -84,6 +84,7 @@ class ModelConfig(Section):
     # auto = flash_attention_2 only when it imports and runs on this GPU, else sdpa.
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     # auto = bf16 on GPUs that support it; fp32 weights on CPU (bf16 autocast where the CPU has bf16).
+    # float32 = fp32 throughout, no autocast (on CPU: the way to switch bf16 autocast off).
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     load_in_4bit: bool = False
     # How 4-bit weights are stored: bfloat16 lets ZeRO-3 / FSDP shard them (QLoRA across GPUs).

@@ -477,7 +477,7 @@ def _attention(cfg: Config, env: Environment) -> dict[str, str]:
 def _dtype(cfg: Config, env: Environment) -> dict[str, Any]:
     requested = cfg.model.dtype
     if cfg.hardware.gpus == 0:
-        if requested not in ("auto", "float32"):
+        if requested != "auto":  # float32 = fp32 throughout, no autocast
             return {"value": requested, "autocast": None, "reason": "set in model.dtype"}
         autocast = "bfloat16" if env.cpu_bf16 else None
         why = "CPU with bf16 support: fp32 weights, bf16 autocast" if autocast else "CPU without bf16: fp32"

@@ -77,7 +77,7 @@ def plan_for(model_cfg: ModelConfig) -> Plan:
         bf16 = torch.cuda.is_bf16_supported()
         dtype = {"auto": "bfloat16" if bf16 else "float16"}.get(model_cfg.dtype, model_cfg.dtype)
         return Plan("cuda", attn, attn_reason, dtype, False, f"GPU: {dtype} weights")
-    if model_cfg.dtype not in ("auto", "float32"):
+    if model_cfg.dtype != "auto":  # float32 = fp32 throughout, without bf16 autocast
         return Plan("cpu", attn, attn_reason, model_cfg.dtype, False, f"CPU: {model_cfg.dtype} as configured")
     autocast = cpu_supports_bf16()
     why = (

@@ -364,10 +364,12 @@ def _setup(
     if dev == "cuda":
         wbytes = 4.0 if cfg.model.dtype == "float32" else 2.0
         autocast = False
-    elif cfg.model.dtype in ("auto", "float32"):
+    elif cfg.model.dtype == "auto":
         from .modeling import cpu_supports_bf16
 
         wbytes, autocast = 4.0, cpu_supports_bf16()
+    elif cfg.model.dtype == "float32":  # fp32 throughout: no autocast
+        wbytes, autocast = 4.0, False
     else:
         wbytes, autocast = 2.0, False
     if checkpointing is None:
