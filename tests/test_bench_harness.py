@@ -154,3 +154,28 @@ def test_table_lines_up() -> None:
     lines = text.splitlines()
     assert len({len(x) for x in lines}) == 1  # every line padded to the same width
     assert "0.1234" in text and "-" in lines[-1]
+
+
+def test_every_ablation_is_a_valid_config_with_its_switch_flipped(tmp_path: Path) -> None:
+    """bench/train_speed.py --ablate writes tunepipe's defaults with one switch flipped: each variant must
+    load as a config, hold the flipped value and differ from the defaults only there."""
+    import argparse
+
+    from tunepipe.config import load_config
+
+    spec = importlib.util.spec_from_file_location("bench_train_speed", ROOT / "bench" / "train_speed.py")
+    assert spec and spec.loader
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    args = argparse.Namespace(
+        lora_r=16, lora_alpha=32, sft_lr=1e-3, dpo_lr=5e-4, sft_batch=4, dpo_batch=2, accum=1, max_length=512
+    )
+    data = tmp_path / "d.jsonl"
+    for stage, variants in speed.ABLATIONS.items():
+        base = load_config(speed.tunepipe_config(tmp_path, stage, f"{stage}-d", data, args, "m"))
+        for i, (_label, overrides) in enumerate(variants):
+            cfg = load_config(speed.tunepipe_config(tmp_path, stage, f"{stage}-{i}", data, args, "m", overrides))
+            for dotted, value in overrides.items():
+                section, key = dotted.split(".")
+                assert getattr(getattr(cfg, section), key) == value
+                assert getattr(getattr(base, section), key) != value, f"{dotted} is already the default"
