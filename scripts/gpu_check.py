@@ -107,6 +107,7 @@ VARIANTS = {
         "sft.lm_head_loss_positions_only=false",  # no-op on CUDA (TRL already does it): listed for CPU runs
         "dpo.group_by_length=false",
         "dpo.lm_head_loss_positions_only=false",
+        "training.liger_kernel=false",
         "dpo.gradient_checkpointing=true",
     ],
 }

@@ -174,7 +174,8 @@ def test_every_ablation_is_a_valid_config_with_its_switch_flipped(tmp_path: Path
     for stage, variants in speed.ABLATIONS.items():
         base = load_config(speed.tunepipe_config(tmp_path, stage, f"{stage}-d", data, args, "m"))
         for i, (_label, overrides) in enumerate(variants):
-            cfg = load_config(speed.tunepipe_config(tmp_path, stage, f"{stage}-{i}", data, args, "m", overrides))
+            path = speed.tunepipe_config(tmp_path, stage, f"{stage}-{i}", data, args, "m", overrides)
+            cfg = load_config(path)
             for dotted, value in overrides.items():
                 section, key = dotted.split(".")
                 assert getattr(getattr(cfg, section), key) == value

@@ -165,6 +165,10 @@ class TrainingConfig(Section):
     # The newest complete checkpoints kept (>= 2: the newest complete one survives a crash in the next
     # save), plus the one with the lowest training loss.
     save_total_limit: int = Field(2, ge=2)
+    # liger-kernel's Triton kernels (RMSNorm, RoPE, SwiGLU) in the trained model. auto = on with a CUDA
+    # GPU when liger-kernel is installed (pip install 'tunepipe[gpu]'); never on CPU. The vocabulary
+    # projection stays TRL's fused LM head.
+    liger_kernel: Literal["auto"] | bool = "auto"
 
 
 class LoraConfig(Section):

@@ -530,6 +530,16 @@ def _checkpointing(cfg: Config, stage: str) -> dict[str, Any]:
     return {"value": value, "enabled": on, "reason": reason}
 
 
+def _kernels(cfg: Config) -> dict[str, Any]:
+    """liger-kernel for the target: on a GPU target when it is installed here (the run installs the same)."""
+    from .modeling import liger_decision
+
+    on, why = liger_decision(
+        cfg.training.liger_kernel, "cuda" if cfg.hardware.gpus else "cpu", _installed("liger_kernel")
+    )
+    return {"value": "liger" if on else "none", "enabled": on, "reason": why.split(": ", 1)[1]}
+
+
 def _batch(cfg: Config, stage: str) -> dict[str, int]:
     s = getattr(cfg, stage)
     procs = _processes(cfg)
@@ -792,6 +802,23 @@ def _rule_flash_attention(cfg: Config, env: Environment) -> list[Check]:
     return [_warning("flash_attention_2", detail + " (no GPU here: check it on the target)", fix)]
 
 
+def _rule_liger(cfg: Config, env: Environment) -> list[Check]:
+    """training.liger_kernel: true where it cannot apply: a warning (training runs without it)."""
+    if cfg.training.liger_kernel is not True:
+        return []
+    kernels = _kernels(cfg)
+    on, why = kernels["enabled"], kernels["reason"]
+    if on:
+        return []
+    return [
+        _warning(
+            "liger-kernel",
+            f"training.liger_kernel: true, but {why}; training runs without it",
+            "pip install 'tunepipe[gpu]' on the GPU machine, or set training.liger_kernel: auto",
+        )
+    ]
+
+
 def _rule_dtype(cfg: Config, env: Environment) -> list[Check]:
     old = next((g for g in env.gpus if not g.bf16), None)
     if cfg.model.dtype == "bfloat16" and old is not None and cfg.hardware.gpus > 0:
@@ -912,6 +939,7 @@ RULES: list[Callable[[Config, Environment], list[Check]]] = [
     _rule_deepspeed,
     _rule_gpus,
     _rule_checkpointing,
+    _rule_liger,
 ]
 
 
@@ -1004,6 +1032,7 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
             "quantization": _quantization(cfg, dtype["value"]),
             "device_map": _device_map(cfg),
             "gradient_checkpointing": _checkpointing(cfg, stage),
+            "kernels": _kernels(cfg),
             "batch": _batch(cfg, stage),
             "max_length": cfg.data.max_length,
             "memory": _memory(cfg, stage, env, shape, why_not) if s.enabled else off,
@@ -1127,6 +1156,7 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
             f"  quantization     {p['quantization']}",
             f"  device map       {p['device_map']['value']}: {p['device_map']['reason']}",
             f"  checkpointing    {ck['value']}: {ck['reason']}",
+            f"  fused kernels    {p['kernels']['value']}: {p['kernels']['reason']}",
             f"  batch            {b['per_device']} per device × {b['accumulation']} accumulation × "
             f"{b['processes']} process(es) = {b['effective']} per optimizer step "
             f"(max_length {p['max_length']})",

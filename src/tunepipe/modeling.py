@@ -135,6 +135,38 @@ def load_tokenizer(cfg: Config, path: str | None = None, log: Any = print) -> An
     return tok
 
 
+def liger_decision(setting: str | bool, device: str, installed: bool | None = None) -> tuple[bool, str]:
+    """Whether liger-kernel's fused kernels go into the trained model, and why (`training.liger_kernel`)."""
+    if setting is False:
+        return False, "off: set in training.liger_kernel"
+    if device != "cuda":
+        return False, "off: liger-kernel's kernels are Triton GPU kernels and this run has no CUDA GPU"
+    if installed is None:
+        import importlib.util
+
+        installed = importlib.util.find_spec("liger_kernel") is not None
+    if not installed:
+        return False, "off: liger-kernel is not installed (pip install 'tunepipe[gpu]')"
+    return True, "on: liger-kernel RMSNorm, RoPE and SwiGLU kernels (the LM head stays TRL's fused one)"
+
+
+def apply_fused_kernels(model: Any, cfg: Config, plan: Plan, log: Any = print) -> bool:
+    """Patch liger-kernel's kernels into a loaded model before the trainer wraps it (PEFT included).
+
+    Its fused linear cross-entropy and cross-entropy stay off: TRL's trainers replace the model's
+    forward with their own fused LM head, which a liger forward would bypass."""
+    on, why = liger_decision(cfg.training.liger_kernel, plan.device)
+    if cfg.training.liger_kernel is True and not on:
+        log(f"training.liger_kernel: true, but {why.removeprefix('off: ')}: training without it")
+    if not on:
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    log(f"kernels: {why}")
+    return True
+
+
 def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> dict[str, Any]:
     """from_pretrained arguments for this plan; `env` is the process environment (DDP variables)."""
     import torch

@@ -15,6 +15,7 @@ from ..config import DPOConfig as DPOSection
 from ..data.prepare import read_split
 from ..dist import world_size
 from ..modeling import (
+    apply_fused_kernels,
     freeze_all_but_last_layers,
     load_stage_model,
     load_tokenizer,
@@ -66,12 +67,14 @@ def run(ctx: StageContext) -> StageResult:
 
     def _policy() -> Any:
         model = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log)
+        apply_fused_kernels(model, cfg, plan, log=ctx.log)
         if d.method == "freeze":
             freeze_all_but_last_layers(model, d.freeze_trainable_layers)
         return model
 
     def _frozen_sft() -> Any:
         ref = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log).eval()
+        apply_fused_kernels(ref, cfg, plan, log=lambda _m: None)
         for p in ref.parameters():
             p.requires_grad = False
         return ref

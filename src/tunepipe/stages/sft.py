@@ -13,6 +13,7 @@ from ..collators import BlockCausalMask, length_grouped_order, needs_block_mask
 from ..data.prepare import read_split
 from ..dist import world_size
 from ..modeling import (
+    apply_fused_kernels,
     freeze_all_but_last_layers,
     load_model,
     load_tokenizer,
@@ -55,6 +56,7 @@ def run(ctx: StageContext) -> StageResult:
 
     def _model() -> Any:
         model = load_model(cfg, plan, log=ctx.log)
+        apply_fused_kernels(model, cfg, plan, log=ctx.log)
         if cfg.sft.method == "freeze":
             n = freeze_all_but_last_layers(model, cfg.sft.freeze_trainable_layers)
             ctx.log(

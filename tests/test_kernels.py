@@ -1,0 +1,89 @@
+"""training.liger_kernel: liger-kernel's fused kernels go into the trained model on a CUDA GPU when the
+package is installed, never on CPU, and the LM head stays TRL's fused one.
+
+liger-kernel's kernels are Triton GPU kernels: they cannot run on this CPU-only machine, so the test of
+`apply_fused_kernels` puts a stand-in `liger_kernel` package on sys.path that records the call (a mock,
+for that reason only). The real kernels run in scripts/gpu_check.py on a GPU."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from tunepipe.config import load_config
+from tunepipe.modeling import Plan, apply_fused_kernels, liger_decision
+
+QWEN = ROOT / "examples" / "qwen3-4b-sft-dpo.yaml"
+
+
+def test_decision_per_setting_device_and_installation() -> None:
+    assert liger_decision("auto", "cuda", installed=True)[0] is True
+    assert liger_decision(True, "cuda", installed=True)[0] is True
+    off_cpu = liger_decision("auto", "cpu", installed=True)
+    assert off_cpu[0] is False and "no CUDA GPU" in off_cpu[1]
+    assert liger_decision(True, "cpu", installed=True)[0] is False  # never on CPU, even when asked
+    missing = liger_decision("auto", "cuda", installed=False)
+    assert missing[0] is False and "pip install 'tunepipe[gpu]'" in missing[1]
+    assert liger_decision(False, "cuda", installed=True) == (False, "off: set in training.liger_kernel")
+
+
+@pytest.fixture
+def fake_liger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
+    pkg = tmp_path / "liger_kernel" / "transformers"
+    pkg.mkdir(parents=True)
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text(
+        "CALLS = []\n\ndef _apply_liger_kernel_to_instance(model, **kwargs):\n"
+        "    CALLS.append({'model': model, **kwargs})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import liger_kernel.transformers as lt
+
+    yield lt.CALLS
+    for name in ("liger_kernel", "liger_kernel.transformers"):  # later tests must not find the stand-in
+        sys.modules.pop(name, None)
+
+
+def test_applied_on_a_gpu_plan_with_the_lm_head_left_to_trl(tmp_path: Path, fake_liger: list[dict]) -> None:
+    cfg = load_config(QWEN)
+    model, lines = object(), []
+    gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
+    assert apply_fused_kernels(model, cfg, gpu, log=lines.append) is True
+    assert fake_liger == [{"model": model, "fused_linear_cross_entropy": False, "cross_entropy": False}]
+    assert any("RMSNorm, RoPE and SwiGLU" in line for line in lines)
+
+    cpu = Plan("cpu", "sdpa", "", "float32", True, "CPU")
+    assert apply_fused_kernels(model, cfg, cpu, log=lines.append) is False
+    off = load_config(QWEN, ["training.liger_kernel=false"])
+    assert apply_fused_kernels(model, off, gpu, log=lines.append) is False
+    assert len(fake_liger) == 1
+
+
+def test_asked_for_on_cpu_says_it_runs_without(fake_liger: list[dict]) -> None:
+    cfg = load_config(QWEN, ["training.liger_kernel=true"])
+    lines: list[str] = []
+    cpu = Plan("cpu", "sdpa", "", "float32", True, "CPU")
+    assert apply_fused_kernels(object(), cfg, cpu, log=lines.append) is False
+    assert fake_liger == []
+    assert lines == [
+        "training.liger_kernel: true, but liger-kernel's kernels are Triton GPU kernels and this run has "
+        "no CUDA GPU: training without it"
+    ]
+
+
+def test_doctor_prints_the_kernel_decision_and_warns_when_asked_for_on_cpu() -> None:
+    from tunepipe.doctor import config_report, run_doctor
+
+    lines: list[str] = []
+    run_doctor(ROOT / "examples" / "quickstart.yaml", [], False, lines.append)
+    text = "\n".join(lines)
+    assert text.count("fused kernels    none: liger-kernel's kernels are Triton GPU kernels") == 2
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml", ["training.liger_kernel=true"])
+    warn = {c["name"]: c for c in config_report(cfg)["incompatibilities"]}["liger-kernel"]
+    assert warn["status"] == "warn" and not warn["blocking"] and "training.liger_kernel: auto" in warn["fix"]
