@@ -1,5 +1,9 @@
-"""The faster batch layouts give the same loss as the plain padded batch (tolerance 1e-4), and they
-actually remove padding. Real TRL collators and trainers on the tiny model."""
+"""Each speed switch keeps the loss of the same batch within a stated tolerance of the plain path, and
+does the work it claims: padding-free / packed batches with the block mask (1e-4) and length grouping
+(less padding), the LM head on loss positions only (log-probs, entropy and gradients within 1e-4, fewer
+rows projected), gradient checkpointing (loss and gradients within 1e-4), bf16 autocast (loss within 1%
+of fp32), and the DPO reference from the disabled adapter or precomputed (loss within 1e-4 of a frozen
+copy). Real TRL collators, trainers and the fused LM head on the tiny model."""
 
 from __future__ import annotations
 
@@ -238,3 +242,113 @@ def test_lm_head_on_loss_positions_gives_the_same_loss_and_gradients_for_less_wo
     assert plain_grads.keys() == compact_grads.keys() and plain_grads
     for k in plain_grads:
         assert torch.allclose(plain_grads[k], compact_grads[k], atol=TOL), k
+
+
+# --------------------------------------------------------------------------- the other switches, same batch
+
+BF16_REL_TOL = 1e-2  # bf16 autocast rounds matmul inputs to 8 mantissa bits: loss within 1% of fp32
+
+
+def _padded_batch(n: int = 4, seed: int = 3) -> dict:
+    ex = _examples(n=n, seed=seed)
+    width = max(len(e["input_ids"]) for e in ex)
+    ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in ex])
+    labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in ex])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(e["input_ids"]) for e in ex])[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _loss_and_grads(model_dir: Path, checkpointing: bool = False, autocast: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False),
+    )
+    model.train()
+    if checkpointing:  # what trainer_args asks for: non-reentrant activation checkpointing
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**_padded_batch()).loss
+    loss.backward()
+    grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.float().item(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen3: Path) -> None:
+    plain, plain_grads = _loss_and_grads(tiny_qwen3)
+    ckpt, ckpt_grads = _loss_and_grads(tiny_qwen3, checkpointing=True)
+    assert ckpt == pytest.approx(plain, abs=TOL)
+    assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
+    for k in plain_grads:
+        assert torch.allclose(plain_grads[k], ckpt_grads[k], atol=TOL), k
+
+
+def test_bf16_autocast_keeps_the_loss_within_its_tolerance(tiny_qwen3: Path) -> None:
+    fp32, _ = _loss_and_grads(tiny_qwen3)
+    bf16, grads = _loss_and_grads(tiny_qwen3, autocast=True)
+    assert bf16 == pytest.approx(fp32, rel=BF16_REL_TOL)
+    assert bf16 != fp32  # autocast really ran in bf16
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def _dpo_loss(tmp_path: Path, model_dir: Path, reference: str) -> float:
+    """DPO loss of one batch (all pairs) with the policy's LoRA set to the same non-zero values, the
+    reference held as tunepipe's dpo.reference says: adapter (the policy with the adapter disabled),
+    precompute (log-probs computed once at trainer construction) or copy (a frozen second model)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [
+        {
+            "prompt": f"What is {i} plus {i}?",
+            "chosen": f" It is {2 * i}.",
+            "rejected": f" Maybe {2 * i + 1}, or not.",
+        }
+        for i in range(4)
+    ]
+    args = DPOConfig(
+        output_dir=str(tmp_path / reference),
+        per_device_train_batch_size=len(rows),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        activation_checkpointing=False,
+        precompute_ref_log_probs=reference == "precompute",
+        max_length=64,
+    )
+    ref = AutoModelForCausalLM.from_pretrained(model_dir).eval() if reference == "copy" else None
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"),
+    )
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # LoRA B starts at 0 (policy == reference); make the policy differ, identically
+        for name, p in sorted(trainer.model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        return float(trainer.compute_loss(trainer.model, batch))
+
+
+def test_dpo_reference_from_the_disabled_adapter_or_precomputed_equals_a_frozen_copy(
+    tmp_path: Path, tiny_qwen3: Path
+) -> None:
+    copy = _dpo_loss(tmp_path, tiny_qwen3, "copy")
+    assert abs(copy - 0.6931) > 0.02  # the policy differs from the reference: not the trivial log 2
+    assert _dpo_loss(tmp_path, tiny_qwen3, "adapter") == pytest.approx(copy, abs=TOL)
+    assert _dpo_loss(tmp_path, tiny_qwen3, "precompute") == pytest.approx(copy, abs=TOL)
