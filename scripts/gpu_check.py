@@ -2,8 +2,10 @@
 
 Writes tokens/s, peak memory and MFU per stage to a JSON file, for two variants of the same run:
 `optimized` (tunepipe's defaults: length-grouped batches, padding-free SFT where flash-attn works,
-gradient checkpointing only when the memory plan needs it) and `plain` (those off, checkpointing on,
-as TRL's defaults have it):
+gradient checkpointing only when the memory plan needs it, liger-kernel when installed) and `plain`
+(those off, checkpointing on, as TRL's defaults have it). Per stage it also records whether liger's
+kernels were applied (the stage log's "kernels: on" line) and the last logged train loss, so the two
+variants' losses can be compared:
 
     python scripts/gpu_check.py --out gpu_check.json [--sft-steps 60] [--dpo-steps 30]
 
@@ -143,8 +145,16 @@ def _stages(cfg, peak, run_pipeline, run_dir_for) -> dict:  # type: ignore[no-un
             "tokens_per_s_approx": round(tps),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "mfu": round(tps * per_token * n_params / peak, 4) if peak else None,
+            "liger_applied": "kernels: on" in (run / "logs" / f"{stage}.log").read_text(),
+            "last_loss": next(
+                (r["loss"] for r in reversed(_log_rows(run / stage / "log.jsonl")) if "loss" in r), None
+            ),
         }
     return results
+
+
+def _log_rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
 if __name__ == "__main__":

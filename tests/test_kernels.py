@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT
@@ -27,7 +28,7 @@ def test_decision_per_setting_device_and_installation() -> None:
     assert off_cpu[0] is False and "no CUDA GPU" in off_cpu[1]
     assert liger_decision(True, "cpu", installed=True)[0] is False  # never on CPU, even when asked
     missing = liger_decision("auto", "cuda", installed=False)
-    assert missing[0] is False and "pip install 'tunepipe[gpu]'" in missing[1]
+    assert missing[0] is False and "pip install liger-kernel" in missing[1]
     assert liger_decision(False, "cuda", installed=True) == (False, "off: set in training.liger_kernel")
 
 
@@ -40,19 +41,28 @@ def fake_liger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list
         "CALLS = []\n\ndef _apply_liger_kernel_to_instance(model, **kwargs):\n"
         "    CALLS.append({'model': model, **kwargs})\n"
     )
+    # liger's table of supported architectures (the real one has ~40)
+    (pkg / "monkey_patch.py").write_text("MODEL_TYPE_TO_APPLY_LIGER_FN = {'qwen3': None, 'llama': None}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("liger_kernel", "liger_kernel.transformers"):
+    for name in MODULES:
         monkeypatch.delitem(sys.modules, name, raising=False)
     import liger_kernel.transformers as lt
 
     yield lt.CALLS
-    for name in ("liger_kernel", "liger_kernel.transformers"):  # later tests must not find the stand-in
+    for name in MODULES:  # later tests must not find the stand-in
         sys.modules.pop(name, None)
+
+
+MODULES = ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch")
+
+
+def _model(model_type: str = "qwen3") -> SimpleNamespace:
+    return SimpleNamespace(config=SimpleNamespace(model_type=model_type))
 
 
 def test_applied_on_a_gpu_plan_with_the_lm_head_left_to_trl(tmp_path: Path, fake_liger: list[dict]) -> None:
     cfg = load_config(QWEN)
-    model, lines = object(), []
+    model, lines = _model(), []
     gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
     assert apply_fused_kernels(model, cfg, gpu, log=lines.append) is True
     assert fake_liger == [{"model": model, "fused_linear_cross_entropy": False, "cross_entropy": False}]
@@ -69,7 +79,7 @@ def test_asked_for_on_cpu_says_it_runs_without(fake_liger: list[dict]) -> None:
     cfg = load_config(QWEN, ["training.liger_kernel=true"])
     lines: list[str] = []
     cpu = Plan("cpu", "sdpa", "", "float32", True, "CPU")
-    assert apply_fused_kernels(object(), cfg, cpu, log=lines.append) is False
+    assert apply_fused_kernels(_model(), cfg, cpu, log=lines.append) is False
     assert fake_liger == []
     assert lines == [
         "training.liger_kernel: true, but liger-kernel's kernels are Triton GPU kernels and this run has "
@@ -87,3 +97,34 @@ def test_doctor_prints_the_kernel_decision_and_warns_when_asked_for_on_cpu() -> 
     cfg = load_config(ROOT / "examples" / "quickstart.yaml", ["training.liger_kernel=true"])
     warn = {c["name"]: c for c in config_report(cfg)["incompatibilities"]}["liger-kernel"]
     assert warn["status"] == "warn" and not warn["blocking"] and "training.liger_kernel: auto" in warn["fix"]
+
+
+def test_an_architecture_liger_does_not_know_is_skipped_and_said(fake_liger: list[dict]) -> None:
+    lines: list[str] = []
+    gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
+    assert apply_fused_kernels(_model("gpt2"), load_config(QWEN), gpu, log=lines.append) is False
+    assert fake_liger == [] and lines == [
+        "kernels: liger-kernel has no kernels for model type 'gpt2'; training without them"
+    ]
+
+
+def test_a_liger_that_does_not_import_is_skipped_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "liger_kernel" / "transformers"
+    pkg.mkdir(parents=True)
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("raise ImportError('triton: undefined symbol')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    lines: list[str] = []
+    gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
+    try:
+        assert apply_fused_kernels(_model(), load_config(QWEN), gpu, log=lines.append) is False
+    finally:
+        for name in MODULES:
+            sys.modules.pop(name, None)
+    assert lines == [
+        "kernels: liger-kernel does not import (ImportError: triton: undefined symbol); training without it"
+    ]

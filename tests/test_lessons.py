@@ -141,11 +141,15 @@ def test_precision_on_this_cpu(tmp_path: Path) -> None:
     assert args["fp16"] is True and args["bf16"] is False  # fp16 brings the trainer's loss scaling
 
 
-def test_float32_switches_cpu_autocast_off(tmp_path: Path) -> None:
+def test_float32_switches_cpu_autocast_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """model.dtype: float32 is fp32 throughout (no bf16 autocast), so the autocast gain can be measured
-    on its own; auto keeps it where the CPU has bf16."""
+    on its own; auto keeps it where the CPU has bf16 (made so here, whatever this CPU has)."""
     from trl import SFTConfig
 
+    from tunepipe import modeling
+
+    monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    assert plan_for(_cfg(tmp_path).model).bf16_autocast is True
     cfg = _cfg(tmp_path)
     cfg.model.dtype = "float32"
     plan = plan_for(cfg.model)

@@ -244,6 +244,21 @@ def test_lm_head_on_loss_positions_gives_the_same_loss_and_gradients_for_less_wo
         assert torch.allclose(plain_grads[k], compact_grads[k], atol=TOL), k
 
 
+def test_lm_head_switch_is_undone_when_training_fails() -> None:
+    """An out-of-memory error inside the context (the OOM guard then rebuilds the trainer) must not
+    leave TRL's decision function patched."""
+    from trl.trainer import utils
+
+    from tunepipe.compat import lm_head_on_loss_positions
+
+    before = utils._use_triton
+    with pytest.raises(torch.OutOfMemoryError), lm_head_on_loss_positions(True) as applied:
+        assert applied and utils._use_triton is not before
+        assert utils._use_triton(torch.device("cpu")) is True
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    assert utils._use_triton is before and utils._use_triton(torch.device("cpu")) is False
+
+
 # --------------------------------------------------------------------------- the other switches, same batch
 
 BF16_REL_TOL = 1e-2  # bf16 autocast rounds matmul inputs to 8 mantissa bits: loss within 1% of fp32
@@ -258,7 +273,7 @@ def _padded_batch(n: int = 4, seed: int = 3) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _loss_and_grads(model_dir: Path, checkpointing: bool = False, autocast: bool = False):
+def _loss_and_grads(model_dir: Path, checkpointing: bool = False, autocast: bool = False, calls=None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -274,6 +289,11 @@ def _loss_and_grads(model_dir: Path, checkpointing: bool = False, autocast: bool
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if calls is not None:  # count the first decoder layer's attention calls (checkpointing reruns them)
+        # transformers checkpoints the layer's forward (its own hooks stay outside), so hook a submodule;
+        # a pre-hook, since torch's non-reentrant recompute stops early, before forward hooks would run.
+        attn = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn"))
+        attn.register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = model(**_padded_batch()).loss
     loss.backward()
@@ -282,8 +302,11 @@ def _loss_and_grads(model_dir: Path, checkpointing: bool = False, autocast: bool
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_qwen3: Path) -> None:
-    plain, plain_grads = _loss_and_grads(tiny_qwen3)
-    ckpt, ckpt_grads = _loss_and_grads(tiny_qwen3, checkpointing=True)
+    plain_calls: list[int] = []
+    ckpt_calls: list[int] = []
+    plain, plain_grads = _loss_and_grads(tiny_qwen3, calls=plain_calls)
+    ckpt, ckpt_grads = _loss_and_grads(tiny_qwen3, checkpointing=True, calls=ckpt_calls)
+    assert len(plain_calls) == 1 and len(ckpt_calls) == 2  # recomputed in backward: checkpointing ran
     assert ckpt == pytest.approx(plain, abs=TOL)
     assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
     for k in plain_grads:

@@ -531,12 +531,19 @@ def _checkpointing(cfg: Config, stage: str) -> dict[str, Any]:
 
 
 def _kernels(cfg: Config) -> dict[str, Any]:
-    """liger-kernel for the target: on a GPU target when it is installed here (the run installs the same)."""
+    """liger-kernel for the target. Whether it is installed is known only for this machine: planning a
+    GPU run elsewhere, `auto` is reported as depending on the target's packages."""
     from .modeling import liger_decision
 
-    on, why = liger_decision(
-        cfg.training.liger_kernel, "cuda" if cfg.hardware.gpus else "cpu", _installed("liger_kernel")
-    )
+    installed = _installed("liger_kernel")
+    on, why = liger_decision(cfg.training.liger_kernel, "cuda" if cfg.hardware.gpus else "cpu", installed)
+    if cfg.hardware.gpus and cfg.training.liger_kernel == "auto" and not installed:
+        return {
+            "value": "liger where installed",
+            "enabled": False,
+            "reason": "auto: on at run time when liger-kernel is installed on the GPU machine "
+            "(not installed on this one: pip install liger-kernel)",
+        }
     return {"value": "liger" if on else "none", "enabled": on, "reason": why.split(": ", 1)[1]}
 
 

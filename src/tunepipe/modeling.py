@@ -146,24 +146,37 @@ def liger_decision(setting: str | bool, device: str, installed: bool | None = No
 
         installed = importlib.util.find_spec("liger_kernel") is not None
     if not installed:
-        return False, "off: liger-kernel is not installed (pip install 'tunepipe[gpu]')"
+        return False, "off: liger-kernel is not installed (pip install liger-kernel)"
     return True, "on: liger-kernel RMSNorm, RoPE and SwiGLU kernels (the LM head stays TRL's fused one)"
 
 
 def apply_fused_kernels(model: Any, cfg: Config, plan: Plan, log: Any = print) -> bool:
-    """Patch liger-kernel's kernels into a loaded model before the trainer wraps it (PEFT included).
+    """Patch liger-kernel's kernels into a loaded model before the trainer wraps it (PEFT included);
+    returns whether they were applied. Never fails the stage: a liger-kernel that does not import or
+    has no kernels for this architecture is logged and training goes on without it.
 
     Its fused linear cross-entropy and cross-entropy stay off: TRL's trainers replace the model's
-    forward with their own fused LM head, which a liger forward would bypass."""
+    forward with their own fused LM head, which a liger forward would bypass. liger swaps the norm and
+    MLP modules of this model and the architecture's rotary-embedding function for the whole process
+    (later models of the same architecture in this process, e.g. the eval stage's, use it too)."""
     on, why = liger_decision(cfg.training.liger_kernel, plan.device)
     if cfg.training.liger_kernel is True and not on:
         log(f"training.liger_kernel: true, but {why.removeprefix('off: ')}: training without it")
     if not on:
         return False
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception as e:  # installed but broken: Triton or transformers of another version
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        log(f"kernels: liger-kernel does not import ({type(e).__name__}: {first}); training without it")
+        return False
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log(f"kernels: liger-kernel has no kernels for model type {model_type!r}; training without them")
+        return False
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
-    log(f"kernels: {why}")
+    log(f"kernels: {why} for {model_type}")
     return True
 
 

@@ -198,7 +198,6 @@ class Training:
         self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
         self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
         self.batch_changes: list[str] = []
-        self._said_compact = False
         self._prepare()
 
     def _prepare(self) -> None:
@@ -242,6 +241,14 @@ class Training:
         return planned, accum * batch // planned
 
     def run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
+        section: StageTrainingConfig = getattr(self.ctx.cfg, self.stage)
+        # Open for trainer construction too: a DPO trainer precomputing reference log-probs scores then.
+        with lm_head_on_loss_positions(section.lm_head_loss_positions_only, self.ctx.log) as compact:
+            if compact:
+                self.ctx.log(f"{self.stage}: LM head projects only the loss-bearing positions")
+            return self._run(build, batch, accum)
+
+    def _run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
         batch, accum = self._planned_start(batch, accum)
         while True:
             trainer = build(batch, accum)
@@ -249,13 +256,8 @@ class Training:
             if self.resume:
                 self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
             self.stop.install_signal_handlers()
-            section: StageTrainingConfig = getattr(self.ctx.cfg, self.stage)
             try:
-                with lm_head_on_loss_positions(section.lm_head_loss_positions_only, self.ctx.log) as compact:
-                    if compact and not self._said_compact:
-                        self._said_compact = True
-                        self.ctx.log(f"{self.stage}: LM head projects only the loss-bearing positions")
-                    result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+                result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
                 self.trainer = trainer
                 break
             except NonFiniteLoss as e:
