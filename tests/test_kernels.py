@@ -128,3 +128,32 @@ def test_a_liger_that_does_not_import_is_skipped_and_said(
     assert lines == [
         "kernels: liger-kernel does not import (ImportError: triton: undefined symbol); training without it"
     ]
+
+
+def test_doctor_planning_a_gpu_run_elsewhere_says_liger_depends_on_the_gpu_machine() -> None:
+    """This machine has no liger-kernel: for the GPU target the plan can only say what decides."""
+    import importlib.util
+
+    from tunepipe.doctor import config_report
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here: the plan then says it is on")
+    for setting in ("auto", "true"):
+        report = config_report(load_config(QWEN, [f"training.liger_kernel={setting}"]))
+        kernels = report["stages"]["sft"]["kernels"]
+        assert kernels["value"] == "liger where installed" and "pip install liger-kernel" in kernels["reason"]
+        assert "liger-kernel" not in {c["name"] for c in report["incompatibilities"]}
+    off = config_report(load_config(QWEN, ["training.liger_kernel=false"]))["stages"]["dpo"]["kernels"]
+    assert off == {"value": "none", "enabled": False, "reason": "set in training.liger_kernel"}
+
+
+def test_an_error_while_patching_stops_the_stage_naming_the_setting(fake_liger: list[dict]) -> None:
+    import liger_kernel.transformers as lt
+
+    def broken(model, **kwargs):
+        raise AttributeError("module 'transformers.models.qwen3' has no attribute 'Qwen3MLP'")
+
+    lt._apply_liger_kernel_to_instance = broken
+    gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
+    with pytest.raises(RuntimeError, match=r"Qwen3MLP'\); set training.liger_kernel: false"):
+        apply_fused_kernels(_model(), load_config(QWEN), gpu, log=lambda _m: None)

@@ -149,6 +149,7 @@ def test_float32_switches_cpu_autocast_off(tmp_path: Path, monkeypatch: pytest.M
     from tunepipe import modeling
 
     monkeypatch.setattr(modeling, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(modeling, "cuda_available", lambda: False)  # the CPU plan, on any machine
     assert plan_for(_cfg(tmp_path).model).bf16_autocast is True
     cfg = _cfg(tmp_path)
     cfg.model.dtype = "float32"

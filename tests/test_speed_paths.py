@@ -245,8 +245,8 @@ def test_lm_head_on_loss_positions_gives_the_same_loss_and_gradients_for_less_wo
 
 
 def test_lm_head_switch_is_undone_when_training_fails() -> None:
-    """An out-of-memory error inside the context (the OOM guard then rebuilds the trainer) must not
-    leave TRL's decision function patched."""
+    """A stage that fails inside the context (here with an out-of-memory error that nothing catches)
+    must not leave TRL's decision function patched for whatever runs next in the process."""
     from trl.trainer import utils
 
     from tunepipe.compat import lm_head_on_loss_positions
@@ -257,6 +257,52 @@ def test_lm_head_switch_is_undone_when_training_fails() -> None:
         assert utils._use_triton(torch.device("cpu")) is True
         raise torch.OutOfMemoryError("CUDA out of memory")
     assert utils._use_triton is before and utils._use_triton(torch.device("cpu")) is False
+
+
+def test_trainer_is_built_under_the_switch_and_an_oom_while_building_is_retried(
+    tmp_path: Path, tiny_qwen3: Path
+) -> None:
+    """A DPO trainer that precomputes reference log-probs runs the model while it is built: the switch
+    is on then, and an out-of-memory error there halves the micro-batch like one in train(). The
+    trainer is a stand-in (the real ones run in the pipeline and resume tests); Training is real."""
+    from types import SimpleNamespace
+
+    from conftest import write_config
+    from trl.trainer import utils
+
+    from tunepipe.config import load_config
+    from tunepipe.stages import StageContext
+    from tunepipe.training import Training
+
+    cfg = load_config(write_config(tmp_path, tiny_qwen3))
+    lines: list[str] = []
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", log=lines.append, fingerprint="f")
+    training = Training(ctx, "dpo", ctx.stage_dir("dpo"))
+    seen: list[tuple[int, int, bool]] = []
+
+    class Trainer:
+        state = SimpleNamespace(global_step=3)
+
+        def compute_loss(self, *args, **kwargs):
+            raise AssertionError("not called by the stand-in")
+
+        def train(self, resume_from_checkpoint=None):
+            return SimpleNamespace(global_step=3, metrics={})
+
+    def build(batch: int, accum: int) -> Trainer:
+        seen.append((batch, accum, utils._use_triton(torch.device("cpu"))))
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return Trainer()
+
+    assert training.run(build, 4, 2).global_step == 3
+    assert seen == [(4, 2, True), (2, 4, True)]  # built with the switch on, twice, same effective batch
+    assert utils._use_triton(torch.device("cpu")) is False
+    assert training.batch_changes == [
+        "out of memory while building the trainer (reference log-probs): micro-batch 4 -> 2, "
+        "gradient accumulation 2 -> 4 (same effective batch)"
+    ]
+    assert lines.count("dpo: LM head projects only the loss-bearing positions") == 1
 
 
 # --------------------------------------------------------------------------- the other switches, same batch

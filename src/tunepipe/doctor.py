@@ -537,12 +537,12 @@ def _kernels(cfg: Config) -> dict[str, Any]:
 
     installed = _installed("liger_kernel")
     on, why = liger_decision(cfg.training.liger_kernel, "cuda" if cfg.hardware.gpus else "cpu", installed)
-    if cfg.hardware.gpus and cfg.training.liger_kernel == "auto" and not installed:
+    if cfg.hardware.gpus and cfg.training.liger_kernel is not False and not installed:
         return {
             "value": "liger where installed",
             "enabled": False,
-            "reason": "auto: on at run time when liger-kernel is installed on the GPU machine "
-            "(not installed on this one: pip install liger-kernel)",
+            "reason": "on at run time when liger-kernel is installed on the GPU machine and knows the "
+            "architecture (not installed on this one: pip install liger-kernel)",
         }
     return {"value": "liger" if on else "none", "enabled": on, "reason": why.split(": ", 1)[1]}
 
@@ -810,8 +810,9 @@ def _rule_flash_attention(cfg: Config, env: Environment) -> list[Check]:
 
 
 def _rule_liger(cfg: Config, env: Environment) -> list[Check]:
-    """training.liger_kernel: true where it cannot apply: a warning (training runs without it)."""
-    if cfg.training.liger_kernel is not True:
+    """training.liger_kernel: true where it cannot apply (a CPU target): a warning (training runs
+    without it). On a GPU target the packages of the GPU machine decide; `_kernels` says so."""
+    if cfg.training.liger_kernel is not True or cfg.hardware.gpus:
         return []
     kernels = _kernels(cfg)
     on, why = kernels["enabled"], kernels["reason"]
@@ -821,7 +822,7 @@ def _rule_liger(cfg: Config, env: Environment) -> list[Check]:
         _warning(
             "liger-kernel",
             f"training.liger_kernel: true, but {why}; training runs without it",
-            "pip install 'tunepipe[gpu]' on the GPU machine, or set training.liger_kernel: auto",
+            "pip install liger-kernel on the GPU machine, or set training.liger_kernel: auto",
         )
     ]
 

@@ -152,13 +152,15 @@ def liger_decision(setting: str | bool, device: str, installed: bool | None = No
 
 def apply_fused_kernels(model: Any, cfg: Config, plan: Plan, log: Any = print) -> bool:
     """Patch liger-kernel's kernels into a loaded model before the trainer wraps it (PEFT included);
-    returns whether they were applied. Never fails the stage: a liger-kernel that does not import or
-    has no kernels for this architecture is logged and training goes on without it.
+    returns whether they were applied. A liger-kernel that does not import or has no kernels for this
+    architecture is logged and training goes on without it; an error while patching stops the stage
+    with liger's message and the setting that avoids it.
 
     Its fused linear cross-entropy and cross-entropy stay off: TRL's trainers replace the model's
-    forward with their own fused LM head, which a liger forward would bypass. liger swaps the norm and
-    MLP modules of this model and the architecture's rotary-embedding function for the whole process
-    (later models of the same architecture in this process, e.g. the eval stage's, use it too)."""
+    forward with their own fused LM head, which a liger forward would bypass. liger patches this
+    model's norm and MLP modules and, for the whole process, the architecture's RMSNorm and MLP
+    classes and rotary-embedding function: later models of that architecture built in this process
+    (e.g. the eval stage's) use the kernels too."""
     on, why = liger_decision(cfg.training.liger_kernel, plan.device)
     if cfg.training.liger_kernel is True and not on:
         log(f"training.liger_kernel: true, but {why.removeprefix('off: ')}: training without it")
@@ -175,7 +177,13 @@ def apply_fused_kernels(model: Any, cfg: Config, plan: Plan, log: Any = print) -
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         log(f"kernels: liger-kernel has no kernels for model type {model_type!r}; training without them")
         return False
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    try:
+        _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    except Exception as e:
+        raise RuntimeError(
+            f"liger-kernel failed while patching the {model_type} model ({type(e).__name__}: {e}); "
+            "set training.liger_kernel: false to train without it"
+        ) from e
     log(f"kernels: {why} for {model_type}")
     return True
 

@@ -251,12 +251,14 @@ class Training:
     def _run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
         batch, accum = self._planned_start(batch, accum)
         while True:
-            trainer = build(batch, accum)
-            self._check_losses(trainer)
-            if self.resume:
-                self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
+            trainer = None
             self.stop.install_signal_handlers()
             try:
+                # Inside the OOM guard: a DPO trainer precomputing reference log-probs runs the model here.
+                trainer = build(batch, accum)
+                self._check_losses(trainer)
+                if self.resume:
+                    self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
                 result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
                 self.trainer = trainer
                 break
@@ -274,18 +276,22 @@ class Training:
             except BaseException as e:
                 if not is_oom(e):
                     raise
-                step = trainer.state.global_step
-                del trainer
+                where = (
+                    f"at step {trainer.state.global_step}"
+                    if trainer is not None
+                    else "while building the trainer (reference log-probs)"
+                )
+                trainer = None
                 _free_memory()
                 if batch == 1:
                     raise OutOfMemory(
-                        f"[{self.stage}] out of memory at step {step} even with micro-batch 1. Options: "
+                        f"[{self.stage}] out of memory {where} even with micro-batch 1. Options: "
                         "method: qlora (model.load_in_4bit: true), a shorter data.max_length, "
                         "gradient_checkpointing: true, fewer lora.target_modules, or a smaller model"
                     ) from None
                 batch, accum = batch // 2, accum * 2
                 change = (
-                    f"out of memory at step {step}: micro-batch {batch * 2} -> {batch}, gradient "
+                    f"out of memory {where}: micro-batch {batch * 2} -> {batch}, gradient "
                     f"accumulation {accum // 2} -> {accum} (same effective batch)"
                 )
                 self.batch_changes.append(change)
