@@ -34,18 +34,14 @@ def test_decision_per_setting_device_and_installation() -> None:
 
 @pytest.fixture
 def fake_liger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict]]:
-    pkg = tmp_path / "liger_kernel" / "transformers"
-    pkg.mkdir(parents=True)
-    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text(
+    pkg = _stand_in(
+        tmp_path,
+        monkeypatch,
         "CALLS = []\n\ndef _apply_liger_kernel_to_instance(model, **kwargs):\n"
-        "    CALLS.append({'model': model, **kwargs})\n"
+        "    CALLS.append({'model': model, **kwargs})\n",
     )
     # liger's table of supported architectures (the real one has ~40)
     (pkg / "monkey_patch.py").write_text("MODEL_TYPE_TO_APPLY_LIGER_FN = {'qwen3': None, 'llama': None}\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in MODULES:
-        monkeypatch.delitem(sys.modules, name, raising=False)
     import liger_kernel.transformers as lt
 
     yield lt.CALLS
@@ -54,6 +50,18 @@ def fake_liger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list
 
 
 MODULES = ("liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch")
+
+
+def _stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transformers_init: str) -> Path:
+    """A `liger_kernel` package on sys.path whose `transformers/__init__.py` is `transformers_init`."""
+    pkg = tmp_path / "liger_kernel" / "transformers"
+    pkg.mkdir(parents=True)
+    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text(transformers_init)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return pkg
 
 
 def _model(model_type: str = "qwen3") -> SimpleNamespace:
@@ -111,13 +119,7 @@ def test_an_architecture_liger_does_not_know_is_skipped_and_said(fake_liger: lis
 def test_a_liger_that_does_not_import_is_skipped_and_said(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pkg = tmp_path / "liger_kernel" / "transformers"
-    pkg.mkdir(parents=True)
-    (tmp_path / "liger_kernel" / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("raise ImportError('triton: undefined symbol')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for name in MODULES:
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    _stand_in(tmp_path, monkeypatch, "raise ImportError('triton: undefined symbol')\n")
     lines: list[str] = []
     gpu = Plan("cuda", "sdpa", "", "bfloat16", False, "GPU")
     try:

@@ -222,12 +222,9 @@ def _head_pass(model_dir: Path, batch: dict, compact: bool) -> tuple[dict, dict,
 def test_lm_head_on_loss_positions_gives_the_same_loss_and_gradients_for_less_work(tiny_qwen3: Path) -> None:
     from trl.trainer import utils
 
-    ex = _examples(n=4, seed=2)
-    width = max(len(e["input_ids"]) for e in ex)
-    ids = torch.tensor([e["input_ids"] + [0] * (width - len(e["input_ids"])) for e in ex])
-    labels = torch.tensor([e["labels"] + [-100] * (width - len(e["labels"])) for e in ex])
-    mask = (torch.arange(width)[None, :] < torch.tensor([len(e["input_ids"]) for e in ex])[:, None]).long()
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = _padded_batch(n=4, seed=2)
+    ids, labels = batch["input_ids"], batch["labels"]
+    width = ids.shape[1]
     before = utils._use_triton
 
     plain, plain_grads, plain_rows = _head_pass(tiny_qwen3, batch, compact=False)
