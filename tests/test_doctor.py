@@ -101,11 +101,25 @@ def test_doctor_without_config_exits_0_and_prints_the_machine() -> None:
     assert text.splitlines()[-1].startswith("ready")
 
 
-def test_tested_ranges_agree_with_pyproject() -> None:
-    deps = (ROOT / "pyproject.toml").read_text()
-    for name, (minimum, _below) in doctor.TESTED.items():
-        if name != "torch":
-            assert f'"{name}>={minimum}"' in deps, name
+def test_doctor_reads_the_ranges_of_pyproject_and_the_pins_of_constraints() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {Requirement(d).name: str(Requirement(d).specifier) for d in deps}
+    ranges, pins = doctor.supported_ranges(), doctor.tested_versions()
+    for name in doctor.VERSIONED:
+        assert ranges[name] == declared[name], name
+        # Every pinned version is inside the supported range, and `make install` installed it.
+        assert SpecifierSet(ranges[name]).contains(pins[name]), (name, pins[name])
+        installed = doctor._pkg_version(name)
+        assert installed is not None and installed.split("+")[0] == pins[name], (name, installed)
+    assert doctor._version_check("transformers", "4.57.0").status == "fail"
+    assert doctor._version_check("transformers", "6.1.0").status == "warn"
+    ok = doctor._version_check("transformers", pins["transformers"])
+    assert ok.status == "ok" and f"tested with {pins['transformers']}" in ok.detail
 
 
 # --------------------------------------------------------------------------- the reference config

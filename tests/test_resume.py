@@ -170,6 +170,11 @@ def test_time_limit_stops_with_a_checkpoint_and_exit_75_then_a_second_run_finish
     assert f"resuming from checkpoint-{stopped_at}" in second.stdout
     assert sorted(_losses(run)) == list(range(1, 121))
     assert (run / "report" / "report.md").is_file()
+    # The stage's time is both segments: the stopped one counts too.
+    resumed = json.loads((run / "pipeline.json").read_text())["stages"]["sft"]
+    assert resumed["segments"] == 2 and resumed["seconds"] > sft["seconds"]
+    stage_json = json.loads((run / "sft" / "stage.json").read_text())
+    assert resumed["seconds"] > stage_json["seconds"]  # stage.json times the last segment only
 
 
 def test_nan_loss_stops_in_its_step_names_it_and_keeps_the_last_checkpoint(tmp_path: Path, tiny_qwen3: Path):

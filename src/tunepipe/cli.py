@@ -6,6 +6,7 @@ Exit codes: 0 done · 1 unexpected error · 2 bad config or data · 3 a stage ga
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,11 +15,12 @@ import typer
 from rich.console import Console
 
 from .config import ConfigError, load_config
+from .redaction import redact_text
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE, EXIT_STOPPED = 0, 1, 2, 3, 75
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths stay whole in piped logs
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 app = typer.Typer(
     add_completion=False,
@@ -40,6 +42,12 @@ Overrides = Annotated[
 SmokeOpt = Annotated[
     bool, typer.Option("--smoke", help="tiny subset, few steps, same code path; writes to <output_dir>-smoke")
 ]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="also show library warnings and the trainers' raw log lines (always in logs/)"
+    ),
+]
 
 
 def _echo(msg: str) -> None:
@@ -49,9 +57,24 @@ def _echo(msg: str) -> None:
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from .data.chat import TemplateError
     from .data.prepare import DataError
+    from .preflight import PreflightFailed
     from .quickstart.model import EmbeddedModelMissing
+    from .runfolder import RunFolderBusy
 
-    return ConfigError, DataError, TemplateError, EmbeddedModelMissing
+    return ConfigError, DataError, TemplateError, EmbeddedModelMissing, PreflightFailed, RunFolderBusy
+
+
+# A write that failed for lack of room or rights: the user's to fix (exit 2), not a crash.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _write_error_message(e: OSError) -> str:
+    where = e.filename or "the run folder"
+    return (
+        f"cannot write {where}: {e.strerror or e}. Free disk space there, fix its permissions, or set "
+        "project.output_dir (output_dir=...) to another folder; then run the same command again "
+        "(finished stages and complete checkpoints are kept)"
+    )
 
 
 def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
@@ -68,7 +91,7 @@ def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
         if report.is_file():
             console.print(f"report: {report}", markup=False)
     except bad_input as e:
-        err_console.print(f"error: {e}", markup=False)
+        err_console.print(f"error: {redact_text(str(e))}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except GateFailed as e:
         err_console.print(f"gate failed: {e}", markup=False)
@@ -79,20 +102,34 @@ def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
         raise typer.Exit(130) from None
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            _unexpected(e)
+        err_console.print(f"error: {_write_error_message(e)}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception as e:
-        import traceback
+        _unexpected(e)
 
-        tb = traceback.extract_tb(e.__traceback__)
-        where = next((f for f in reversed(tb) if "tunepipe" in f.filename), tb[-1] if tb else None)
-        err_console.print(f"unexpected error: {type(e).__name__}: {e}", markup=False)
-        if where:
-            err_console.print(f"  at {where.filename}:{where.lineno} in {where.name}", markup=False)
+
+def _unexpected(e: BaseException) -> None:
+    """Exit 1 for an error nobody planned for: where it happened, and where the whole story is."""
+    import traceback
+
+    tb = traceback.extract_tb(e.__traceback__)
+    where = next((f for f in reversed(tb) if "tunepipe" in f.filename), tb[-1] if tb else None)
+    err_console.print(f"unexpected error: {type(e).__name__}: {redact_text(str(e))}", markup=False)
+    if where:
+        err_console.print(f"  at {where.filename}:{where.lineno} in {where.name}", markup=False)
+    log = getattr(e, "tunepipe_log", None)
+    if log:
+        diagnosis = Path(log).with_suffix(".diagnosis.txt")
         err_console.print(
-            "  the full traceback is in <output_dir>/logs/<stage>.log, the diagnosis in "
-            "logs/<stage>.diagnosis.txt; or paste any log into `tunepipe diagnose -`",
+            f"  the full traceback is in {log}"
+            + (f", the diagnosis in {diagnosis}" if diagnosis.is_file() else ""),
             markup=False,
         )
-        raise typer.Exit(EXIT_ERROR) from None
+    err_console.print("  paste any log into `tunepipe diagnose -` for the cause and the fix", markup=False)
+    raise typer.Exit(EXIT_ERROR) from None
 
 
 @app.command()
@@ -104,14 +141,20 @@ def run(
         str | None, typer.Option("--from", help="rerun from this stage on (data, sft, dpo, eval, report)")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Run the whole pipeline; stages already done with the same inputs are skipped."""
+    """Run the whole pipeline; stages already done with the same inputs are skipped.
+
+    Before the first stage a preflight checks, in seconds, the packages each stage needs, the data
+    files, the model and the run folder (writable, not overlapping any input, free disk); a problem
+    there stops with exit 2 and its fix. One run at a time writes a run folder (a second one exits 2
+    naming the first one's PID)."""
     from .pipeline import ORDER
 
     if from_stage and from_stage not in ORDER:
         err_console.print(f"error: --from {from_stage!r}: choose one of {', '.join(ORDER)}")
         raise typer.Exit(EXIT_BAD_INPUT)
-    _run(config, overrides, smoke=smoke, from_stage=from_stage, force=force)
+    _run(config, overrides, smoke=smoke, from_stage=from_stage, force=force, verbose=verbose)
 
 
 @app.command()
@@ -122,13 +165,14 @@ def data(
     preview: Annotated[
         int, typer.Option("--preview", help="print N prepared examples with the trained tokens marked")
     ] = 0,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Load, detect, convert, validate and tokenize the data.
 
     Writes data/: the prepared splits, stats.json and rejects.jsonl. With --preview N, trained
     tokens are highlighted (marked [[like this]] when the output is not a terminal).
     """
-    _run(config, overrides, stages=["data"], smoke=smoke)
+    _run(config, overrides, stages=["data"], smoke=smoke, verbose=verbose)
     if preview > 0:
         _preview(config, overrides, smoke, preview)
 
@@ -157,18 +201,21 @@ def train(
     stage: Annotated[str, typer.Option("--stage", help="sft or dpo")],
     overrides: Overrides = None,
     smoke: SmokeOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run one training stage (the data stage, and sft before dpo, must be done)."""
     if stage not in ("sft", "dpo"):
         err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
         raise typer.Exit(EXIT_BAD_INPUT)
-    _run(config, overrides, stages=[stage], smoke=smoke)
+    _run(config, overrides, stages=[stage], smoke=smoke, verbose=verbose)
 
 
 @app.command("eval")
-def eval_(config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False) -> None:
+def eval_(
+    config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False, verbose: VerboseOpt = False
+) -> None:
     """Evaluate the base, SFT and DPO models; writes eval/metrics.json and eval/samples/."""
-    _run(config, overrides, stages=["eval"], smoke=smoke)
+    _run(config, overrides, stages=["eval"], smoke=smoke, verbose=verbose)
 
 
 @app.command()
@@ -219,6 +266,7 @@ def chat(
     target: Annotated[
         Path, typer.Argument(help="a project config, or a model / adapter folder", show_default=False)
     ],
+    overrides: Overrides = None,
     prompt: Annotated[
         str | None, typer.Option("--prompt", "-p", help="one question, print the answer, exit")
     ] = None,
@@ -242,9 +290,13 @@ def chat(
         raise typer.Exit(EXIT_BAD_INPUT)
     try:
         if target.is_dir():
+            if overrides:
+                raise ChatError(
+                    f"KEY=VALUE overrides ({' '.join(overrides)}) need a config, not a model folder"
+                )
             model = load_from_folder(target)
         elif target.is_file():
-            model = load_from_config(target, [], stage, smoke)
+            model = load_from_config(target, overrides or [], stage, smoke)
         else:
             raise ChatError(f"{target}: no such config file or model folder")
     except (ChatError, *_bad_input_types()) as e:

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .redaction import redact
+
 
 class ConfigError(Exception):
     """A config that cannot be used; the message says where and how to fix it (exit code 2)."""
@@ -169,6 +171,9 @@ class TrainingConfig(Section):
     # GPU when liger-kernel is installed (pip install 'tunepipe[gpu]'); never on CPU. The vocabulary
     # projection stays TRL's fused LM head.
     liger_kernel: Literal["auto"] | bool = "auto"
+    # The loss_falling gate (mean loss of the last quarter of logged steps below the first quarter's).
+    # auto = checked on runs with 10+ logged steps (shorter ones are per-batch noise); false = off.
+    loss_falling_gate: Literal["auto"] | bool = "auto"
 
 
 class LoraConfig(Section):
@@ -252,6 +257,7 @@ PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
 BUILTIN_METRICS = GENERATION_METRICS + LIKELIHOOD_METRICS + PREFERENCE_METRICS
 # The prepared held-out splits the data stage writes.
 PREPARED_SETS = ("sft_eval", "dpo_eval")
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -280,6 +286,18 @@ class EvalSet(Section):
     regex: str | None = None
     numeric_tolerance: float = Field(1e-6, ge=0)  # numeric_match: |a - b| <= tol (or relative tol)
     max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _file_safe_name(cls, v: str) -> str:
+        # The name becomes part of file names (eval/samples/<model>.<name>.jsonl): checked here, not
+        # after the evaluation ran.
+        if not _SET_NAME.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"eval set name {v!r} must be letters, digits, '_', '-' or '.' (no '/', no '..'): "
+                "it names the set's sample files"
+            )
+        return v
 
     @field_validator("metrics")
     @classmethod
@@ -412,17 +430,6 @@ class Config(Section):
 
 # --------------------------------------------------------------------------- loading
 
-_SECRET_KEY = re.compile(r"(token|secret|password|api_key|apikey)", re.IGNORECASE)
-
-
-def redact(obj: Any) -> Any:
-    """Replace values of secret-looking keys; configs and reports never carry secrets."""
-    if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """'sft.learning_rate=1e-4' -> (['sft', 'learning_rate'], 0.0001). Values are read as YAML."""
@@ -511,11 +518,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file not found: {p} (create one with `tunepipe init DIR`)")
         source, base = str(p), p.resolve().parent
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{p}: not UTF-8 text (byte {e.object[e.start]:#04x}); save it as UTF-8"
+            ) from None
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+            raise ConfigError(_yaml_error(p, text, e)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (project:, model:, ...)")
         raw = loaded
@@ -528,6 +538,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg._source = source
     _check_deepspeed(cfg)
     return cfg
+
+
+def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> str:
+    """The line the mistake is on. PyYAML notices an unclosed key, quote or bracket only on a later
+    line (its problem mark); the construct it was reading started on the line to fix (its context
+    mark). Bad indentation is reported where it is."""
+    problem, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+    ctx = getattr(e, "context", None) or ""
+    mark = context if context and ctx.startswith(("while scanning", "while parsing a flow")) else problem
+    if mark is None:
+        return f"{path}: not valid YAML: {e}"
+    lines = text.splitlines()
+    shown = lines[mark.line].rstrip() if mark.line < len(lines) else ""
+    detail = getattr(e, "problem", None) or str(e)
+    return f"{path}:{mark.line + 1}: not valid YAML: {detail}" + (
+        f"\n  {mark.line + 1} | {shown}" if shown else ""
+    )
 
 
 def _check_deepspeed(cfg: Config) -> None:

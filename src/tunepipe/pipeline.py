@@ -9,6 +9,7 @@ Checking fingerprints imports neither torch nor transformers, so a run with noth
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -23,8 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import PREPARED_SETS, Config, dump_resolved
+from .console import capture_library_output
 from .data.sources import Input, SourceError, expand
 from .dist import is_main, rank
+from .preflight import require
+from .redaction import redact_text
+from .runfolder import run_lock, write_atomic
 from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
 
 MODEL_KEYS = [
@@ -195,12 +200,52 @@ def fingerprint(cfg: Config, name: str, upstream: dict[str, str], smoke: bool, c
 
 
 class State:
-    """pipeline.json: one record per stage {status, fingerprint, started_at, seconds, gates, summary}."""
+    """pipeline.json: one record per stage {status, fingerprint, started_at, seconds, gates, summary}.
 
-    def __init__(self, run_dir: Path):
+    An unreadable pipeline.json (empty after a full disk, cut, edited by hand) does not block the
+    folder: it is set aside as pipeline.json.corrupt-<time>, and the records are rebuilt from each
+    stage's stage.json (which holds the stage's fingerprint), so finished stages still count."""
+
+    def __init__(self, run_dir: Path, repair: bool = True):
         self.path = run_dir / "pipeline.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.run_dir = run_dir
+        self.repair = repair and is_main()  # False: read only (planning before the lock is held)
+        self.note: str | None = None  # what was done about an unreadable state file, to be logged
+        self.data: dict[str, Any] = self._load()
         self.data.setdefault("stages", {})
+
+    def _load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+                raise ValueError("not a tunepipe state object")
+            return data
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = "empty" if self.path.is_file() and self.path.stat().st_size == 0 else str(e)
+        aside = self.path.with_name(f"pipeline.json.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        if self.repair:
+            self.path.replace(aside)
+        stages = self._from_stage_files()
+        self.note = (
+            f"warning: {self.path} was unreadable ({why}); kept as {aside.name}. Stage records rebuilt "
+            f"from stage.json files: {', '.join(stages) or 'none'} done; other stages run again"
+        )
+        return {"stages": stages}
+
+    def _from_stage_files(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, spec in STAGES.items():
+            sj = self.run_dir / spec.stage_dir / "stage.json"
+            try:
+                rec = json.loads(sj.read_text(encoding="utf-8")) if sj.is_file() else {}
+            except (OSError, ValueError):
+                continue
+            if isinstance(rec, dict) and rec.get("status") == "done" and rec.get("fingerprint"):
+                keep = ("status", "fingerprint", "seconds", "summary", "gates", "started_at")
+                out[name] = {k: rec.get(k) for k in keep}
+        return out
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.data["stages"].get(name, {})
@@ -213,9 +258,7 @@ class State:
         if not is_main():
             return
         self.data["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        tmp.replace(self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2))
 
 
 def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
@@ -223,7 +266,11 @@ def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
     sj = run_dir / STAGES[name].stage_dir / "stage.json"
     if rec.get("status") != "done" or rec.get("fingerprint") != fp or not sj.is_file():
         return False
-    return json.loads(sj.read_text()).get("status") == "done"
+    try:
+        done = json.loads(sj.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a cut stage.json: the stage is not done, it runs again
+        return False
+    return isinstance(done, dict) and done.get("status") == "done"
 
 
 def write_env(run_dir: Path) -> None:
@@ -261,7 +308,7 @@ def write_env(run_dir: Path) -> None:
     env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     env["cpu_bf16"] = cpu_supports_bf16()
     env["torch_threads"] = torch.get_num_threads()
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2))
+    write_atomic(run_dir / "env.json", json.dumps(env, indent=2))
 
 
 # --------------------------------------------------------------------------- running
@@ -286,7 +333,12 @@ class StageLog:
             self.file.close()
             self.file = None
 
+    @property
+    def path(self) -> Path | None:
+        return Path(self.file.name) if self.file else None
+
     def __call__(self, msg: str) -> None:
+        msg = redact_text(msg)
         if is_main():
             self.echo(msg)
         if self.file:
@@ -301,30 +353,80 @@ def run_pipeline(
     smoke: bool = False,
     from_stage: str | None = None,
     force: bool = False,
+    verbose: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Run `stages` (default: all, skipping the up-to-date ones). Returns {stage: outcome}.
 
-    Explicitly named stages always run; upstream stages they need must be done already.
-    Raises GateFailed when a gate fails; other errors propagate after the state is recorded.
+    Explicitly named stages always run; upstream stages they need must be done already. Before the
+    first stage: the preflight (preflight.require: packages, data, model, the run folder) and the run
+    folder's lock (one writer at a time). Raises PreflightFailed or RunFolderBusy before anything is
+    written, GateFailed when a gate fails; other errors propagate after the state is recorded.
     """
     run_dir = run_dir_for(cfg, smoke)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main():
-        (run_dir / "config.resolved.yaml").write_text(dump_resolved(cfg))
-    state = State(run_dir)
-    state.data["config"] = cfg.source
-    log = StageLog(run_dir, echo)
-    code = code_version()
-    limit = cfg.hardware.time_limit_s
-    budget_end = time.time() + limit if limit else None
-    state.data["budget_end"] = budget_end  # this invocation's deadline (hardware.time_limit from its start)
     selected = stages or ORDER
     if from_stage:
         selected = ORDER[ORDER.index(from_stage) :]
     forced = set(stages or []) | (set(selected) if from_stage or force else set())
+    if not is_main():  # under DDP the main process checks, locks and writes; the others train
+        return _run_stages(cfg, run_dir, selected, forced, smoke, verbose, echo)
+    # Fingerprints need no weights: the plan of what runs is known before anything starts.
+    state = State(run_dir, repair=False)
+    code = code_version()
+    plan = _plan(cfg, run_dir, state, selected, forced, smoke, code)
+    require(cfg, [name for name, (_, todo) in plan.items() if todo], run_dir)
+    with run_lock(run_dir):
+        return _run_stages(cfg, run_dir, selected, forced, smoke, verbose, echo)
 
+
+def _plan(
+    cfg: Config, run_dir: Path, state: State, selected: list[str], forced: set[str], smoke: bool, code: str
+) -> dict[str, tuple[str, bool]]:
+    """{stage: (fingerprint, runs)} for the enabled stages; raises GateFailed when a named stage needs
+    an upstream stage that is neither done nor selected."""
     fps: dict[str, str] = {}
+    plan: dict[str, tuple[str, bool]] = {}
+    for name in ORDER:
+        if not enabled(cfg, name):
+            continue
+        fp = fingerprint(cfg, name, fps, smoke, code)
+        fps[name] = fp
+        if name not in selected:
+            continue
+        runs = name in forced or not is_up_to_date(run_dir, state, name, fp)
+        if runs:
+            for u in STAGES[name].upstream:
+                if enabled(cfg, u) and u not in selected and not is_up_to_date(run_dir, state, u, fps[u]):
+                    raise GateFailed(
+                        f"[{name}] needs stage '{u}' to be done and up to date first: "
+                        f"run `tunepipe run {cfg.source}` (or the '{u}' stage)"
+                    )
+        plan[name] = (fp, runs)
+    return plan
+
+
+def _run_stages(
+    cfg: Config,
+    run_dir: Path,
+    selected: list[str],
+    forced: set[str],
+    smoke: bool,
+    verbose: bool,
+    echo: Callable[[str], None],
+) -> dict[str, str]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = State(run_dir)  # under the lock: an unreadable state file is set aside here, not before
+    log = StageLog(run_dir, echo)
+    if state.note:
+        log(state.note)
+    if is_main():
+        write_atomic(run_dir / "config.resolved.yaml", dump_resolved(cfg))
+    state.data["config"] = cfg.source
+    code = code_version()
+    plan = _plan(cfg, run_dir, state, selected, forced, smoke, code)
+    limit = cfg.hardware.time_limit_s
+    budget_end = time.time() + limit if limit else None
+    state.data["budget_end"] = budget_end  # this invocation's deadline (hardware.time_limit from its start)
     outcome: dict[str, str] = {}
     env_written = False
     for name in ORDER:
@@ -332,26 +434,28 @@ def run_pipeline(
             state.set(name, status="disabled")
             outcome[name] = "disabled"
             continue
-        fp = fingerprint(cfg, name, fps, smoke, code)
-        fps[name] = fp
-        up_to_date = is_up_to_date(run_dir, state, name, fp)
-        if name not in selected:
+        if name not in plan:
             continue
-        if up_to_date and name not in forced:
+        fp, runs = plan[name]
+        if not runs:
             echo(f"[{name}] skipped (up to date)")
             outcome[name] = "skipped"
             continue
-        for u in STAGES[name].upstream:
-            if enabled(cfg, u) and not is_up_to_date(run_dir, state, u, fps[u]) and u not in selected:
-                raise GateFailed(
-                    f"[{name}] needs stage '{u}' to be done and up to date first: "
-                    f"run `tunepipe run {cfg.source}` (or the '{u}' stage)"
-                )
         if not env_written:
             write_env(run_dir)
             env_written = True
         deadline = _stage_deadline(cfg, name, selected, budget_end)
-        outcome[name] = _run_stage(cfg, name, fp, run_dir, state, log, smoke, deadline)
+        ctx = StageContext(
+            cfg=cfg,
+            run_dir=run_dir,
+            smoke=smoke,
+            log=log,
+            fingerprint=fp,
+            deadline=deadline,
+            verbose=verbose,
+            budget_end=budget_end,
+        )
+        outcome[name] = _run_stage(ctx, name, state, log)
     log.close()
     return outcome
 
@@ -370,78 +474,99 @@ def _stage_deadline(cfg: Config, name: str, selected: list[str], budget_end: flo
     return time.time() + left * cfg.hardware.share(name, todo)
 
 
-def _run_stage(
-    cfg: Config,
-    name: str,
-    fp: str,
-    run_dir: Path,
-    state: State,
-    log: StageLog,
-    smoke: bool,
-    deadline: float | None = None,
-) -> str:
+def _run_stage(ctx: StageContext, name: str, state: State, log: StageLog) -> str:
     spec = STAGES[name]
+    fp, run_dir = ctx.fingerprint, ctx.run_dir
     log.open(name)
-    log(f"[{name}] running" + (" (smoke)" if smoke else ""))
+    log(f"[{name}] running" + (" (smoke)" if ctx.smoke else ""))
     started = time.time()
+    # A stage stopped (exit 75) or failed under the same inputs resumes from its checkpoint: its
+    # time so far counts towards the stage's total.
+    prev = state.stage(name)
+    resumed = prev.get("attempt") == fp and prev.get("status") in ("stopped", "failed")
+    carried = float(prev.get("seconds") or 0.0) if resumed else 0.0
+    segments = (prev.get("segments") or 1) + 1 if carried else 1
+
+    def seconds() -> float:
+        return round(carried + time.time() - started, 1)
+
     # Everything after this stage depends on its outputs: mark it stale before touching anything.
     for later in ORDER[ORDER.index(name) + 1 :]:
         if state.stage(later).get("status") == "done":
             state.set(later, status="stale")
-    state.set(name, status="running", fingerprint=None, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state.set(
+        name,
+        status="running",
+        fingerprint=None,
+        attempt=fp,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        summary=None,
+        gates=[],
+        error=None,
+        segments=segments,
+    )
     stage_dir = run_dir / spec.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "stage.json").unlink(missing_ok=True)
-    ctx = StageContext(cfg=cfg, run_dir=run_dir, smoke=smoke, log=log, fingerprint=fp, deadline=deadline)
     try:
         module = importlib.import_module(spec.module)
-        result: StageResult = module.run(ctx)
+        # Library warnings and the trainers' raw log lines go to the stage's log (and, with
+        # --verbose, to the terminal too); the console keeps one readable line per logged step.
+        with capture_library_output(log.file, verbose=ctx.verbose):
+            result: StageResult = module.run(ctx)
     except StageStopped as e:
-        state.set(
-            name,
-            status="stopped",
-            seconds=round(time.time() - started, 1),
-            error=str(e),
-            stopped_at=time.time(),
+        _record_failure(
+            state, name, status="stopped", seconds=seconds(), error=str(e), stopped_at=time.time()
         )
         log(str(e))
         log.close()
         raise
     except BaseException as e:
-        state.set(
+        _record_failure(
+            state,
             name,
             status="failed",
-            seconds=round(time.time() - started, 1),
-            error=f"{type(e).__name__}: {e}"[:2000],
+            seconds=seconds(),
+            error=redact_text(f"{type(e).__name__}: {e}")[:2000],
         )
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = str(stage_dir)  # a failed write names no file: at least the stage's folder
         tb = traceback.format_exc()
         if log.file:
-            log.file.write(tb)
-        if not isinstance(e, KeyboardInterrupt | GateFailed) and not _is_bad_input(e):
+            log.file.write(redact_text(tb))
+            with contextlib.suppress(AttributeError, TypeError):
+                e.tunepipe_log = str(log.path)  # type: ignore[attr-defined]  # the CLI names it
+        if not isinstance(e, KeyboardInterrupt | GateFailed | OSError) and not _is_bad_input(e):
             _write_diagnosis(run_dir / "logs", name, tb, log)
         log.close()
         raise
     bad = result.failed_gates()
     status = "failed" if bad else "done"
     if is_main():
-        write_stage_json(stage_dir, name, result, started, status)
-    seconds = round(time.time() - started, 1)
+        write_stage_json(stage_dir, name, result, started, status, fingerprint=fp if not bad else None)
     state.set(
         name,
         status=status,
         fingerprint=fp if not bad else None,
-        seconds=seconds,
+        seconds=seconds(),
         summary=result.summary,
         gates=[g.__dict__ for g in result.gates],
         error=None,
     )
     for g in result.gates:
         log(f"[{name}] gate {g.name}: {'passed' if g.passed else 'FAILED'} ({g.detail})")
-    log(f"[{name}] {status} in {seconds:.0f} s: {result.summary}")
+    log(f"[{name}] {status} in {seconds():.0f} s: {result.summary}")
     if bad:
         log.close()
         raise GateFailed(f"[{name}] gate failed: " + "; ".join(f"{g.name}: {g.detail}" for g in bad))
     return "done"
+
+
+def _record_failure(state: State, name: str, **fields: Any) -> None:
+    """Record a stopped or failed stage; a state file that cannot be written (the disk that made the
+    stage fail is full) must not hide the stage's own error."""
+    with contextlib.suppress(OSError):
+        state.set(name, **fields)
 
 
 def _is_bad_input(e: BaseException) -> bool:

@@ -171,6 +171,12 @@ def _as_messages(value: Any, field: str, role: str) -> Conversation:
         return [{"role": role, "content": value}]
     if isinstance(value, dict):
         value = [value]
+    if not isinstance(value, list):
+        hint = ' (a number: store it as text, e.g. "5")' if type(value) in (int, float) else ""
+        raise RowError(
+            f"{field}: expected a string or a list of {{role, content}} messages, "
+            f"got {type(value).__name__}{hint}"
+        )
     return _check_messages(value, field)
 
 
@@ -198,15 +204,59 @@ def _system(f: Fields) -> Conversation:
     return [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
 
 
+# The role each turn may follow in an SFT conversation (None: the first turn). A tool result follows
+# an assistant turn (the call: `tool_calls`, or sharegpt's function_call) or another tool result.
+_MAY_FOLLOW: dict[str, tuple[str | None, ...]] = {
+    "system": (None,),
+    "user": (None, "system", "assistant"),
+    "assistant": ("user", "tool"),
+    "tool": ("assistant", "tool"),
+}
+
+
+def check_turn_order(conv: Conversation, field: str, skip: int = 0) -> None:
+    """The one place SFT conversations are checked for order: a system turn only first, then the user,
+    user and assistant alternating (tool results after the assistant's call), the assistant last.
+    Chat templates render anything, so a malformed dialogue would otherwise be trained as it is.
+    `skip`: turns added in front of the user's (a `system` field), left out of the turn numbers."""
+    prev: str | None = None
+    for i, m in enumerate(conv):
+        role, n = m["role"], i + 1 - skip
+        if prev not in _MAY_FOLLOW[role]:
+            if role == "system":
+                why = "a system turn comes only first"
+            elif prev in (None, "system"):
+                why = "the first turn after the system prompt must be the user's"
+            elif role == "tool":
+                why = "a tool result must follow the assistant turn that called the tool"
+            elif prev == "tool":
+                why = "the assistant replies to a tool result (or another tool result follows)"
+            else:
+                why = "user and assistant turns must alternate"
+            after = f", after {prev!r}" if prev else ""
+            raise RowError(f"{field}: turn {n} is {role!r}{after}: {why}")
+        prev = role
+    if prev != "assistant":
+        raise RowError(
+            f"{field}: the last turn (turn {len(conv) - skip}) is {prev!r}: an SFT conversation must end "
+            "with the assistant's reply"
+        )
+
+
 def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> Conversation:
     f = Fields(record, columns)
+    label, skip = "conversation", 0  # what the turn numbers of an order error count
     if fmt == "messages":
         conv = _check_messages(f.get("messages"), f.name("messages"))
+        label = f.name("messages")
     elif fmt == "sharegpt":
         turns = _sharegpt_turns(f.get("conversations"), f.name("conversations"))
         conv = ([] if turns[0]["role"] == "system" else _system(f)) + turns
+        label, skip = f.name("conversations"), len(conv) - len(turns)
     elif fmt == "prompt_completion":
-        conv = _system(f) + _as_messages(f.get("prompt"), f.name("prompt"), "user")
+        conv = _system(f)
+        label, skip = f"{f.name('prompt')} + {f.name('completion')}", len(conv)
+        conv += _as_messages(f.get("prompt"), f.name("prompt"), "user")
         conv += _as_messages(f.get("completion"), f.name("completion"), "assistant")
     elif fmt == "alpaca":
         instruction, extra, output = f.get("instruction"), f.get("input", required=False), f.get("output")
@@ -236,6 +286,7 @@ def to_conversation(record: dict[str, Any], fmt: str, columns: dict[str, str]) -
         )
     if not any(m["role"] == "assistant" for m in conv):
         raise RowError("no assistant turn: nothing to train on")
+    check_turn_order(conv, label, skip)
     return conv
 
 

@@ -1,7 +1,9 @@
 """Load every configured source, convert, validate, tokenize and write the prepared splits.
 
 Nothing is dropped silently: each rejected row goes to rejects.jsonl with its file, line and reason,
-and for every source rows_in = rows_accepted + rows_rejected.
+for every source rows_in = rows_accepted + rows_rejected, and files of a source folder that are not
+read are listed in stats.json. When the data cannot be used, DataError carries what was read so far,
+so rejects.jsonl and stats.json are written for the failed run too.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, DataSource
+from ..runfolder import atomic_writer, write_atomic
 from .chat import IGNORE_INDEX, TemplateError, tokenize_conversations
 from .formats import (
     PREFERENCE_FORMATS,
@@ -28,14 +31,21 @@ from .formats import (
     to_preference,
     to_text,
 )
-from .sources import Input, Row, SourceError, expand, read_rows
+from .sources import Input, Row, SourceError, csv_delimiter, read_rows, scan
 
 SMOKE_ROWS = {"train": 16, "eval": 8}
 DETECT_ROWS = 50  # records looked at to tell a source's format
+SPLITS = ("sft_train", "sft_eval", "dpo_train", "dpo_eval")  # the prepared files: data/<split>.jsonl
+SHOWN_REJECTS = 5  # rejects quoted in an error message; all are in rejects.jsonl
 
 
 class DataError(Exception):
-    """Data that cannot be used as configured (exit code 2)."""
+    """Data that cannot be used as configured (exit code 2). `partial` is what was read before the
+    failure (sources, rejects, skipped files), for the data stage to write."""
+
+    def __init__(self, message: str, partial: Prepared | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Prepared:
     sources: list[dict[str, Any]]
     rejects: list[dict[str, Any]]
     cache_hits: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # files of source folders not read
 
 
 def _length_stats(lengths: list[int], truncated: int) -> dict[str, Any]:
@@ -122,6 +133,10 @@ class _Preparer:
         self.smoke = smoke
         self.rejects: list[dict[str, Any]] = []
         self.sources: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, Any]] = []
+
+    def partial(self) -> Prepared:
+        return Prepared({}, self.sources, self.rejects, self.cache_hits, self.skipped)
 
     def _fit(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int], bool]:
         """Apply the truncation policy; raises RowError for rows that must be rejected."""
@@ -239,14 +254,26 @@ class _Preparer:
                 return json.loads(cache.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError):
                 self.cache_hits -= 1  # unreadable cache entry: rebuild it
+        path = Path(inp.name)
+        delimiter = csv_delimiter(path) if inp.kind == "file" and path.suffix in (".csv", ".tsv") else None
         rows = list(read_rows(inp))
-        fmt = self._source_format(rows, src, f"{inp} ({where})")
+        try:
+            fmt = self._source_format(rows, src, f"{inp} ({where})")
+        except DataError as e:
+            if delimiter is None or not rows or rows[0].record is None or len(rows[0].record) > 1:
+                raise
+            raise DataError(
+                f"{e}\n  The file was read as CSV with the delimiter {delimiter!r} and its header is one "
+                f"column; if it uses another delimiter (one of , ; tab |), it was not recognised: save "
+                "the file comma-separated, or tab-separated as .tsv"
+            ) from None
+        # Rejects are cached without the file name: the same content may be read under another path.
         rejects: list[dict[str, Any]] = []
         formats: set[str] = set()
         items: list[tuple[Row, tuple[str, Any]]] = []
 
         def reject(row: Row, e: Exception) -> None:
-            rejects.append({"file": str(inp), "line": row.line, "reason": str(e)})
+            rejects.append({"line": row.line, "reason": str(e)})
 
         for row in rows:
             try:
@@ -283,6 +310,8 @@ class _Preparer:
             "taken": taken,
             "rejects": rejects,
         }
+        if delimiter is not None:
+            result["delimiter"] = delimiter
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
@@ -290,30 +319,71 @@ class _Preparer:
             tmp.replace(cache)
         return result
 
+    def _unreadable(self, stage: str, split: str, file: str, src: DataSource, e: Exception) -> DataError:
+        """A source that stops the stage, recorded in the stats with the reason."""
+        self.sources.append(
+            {
+                "stage": stage,
+                "split": split,
+                "file": file,
+                "format": "error",
+                "rows_in": 0,
+                "rows_accepted": 0,
+                "rows_rejected": 0,
+                "weight": src.weight,
+                "error": str(e),
+            }
+        )
+        return DataError(str(e))
+
     def load(self, stage: str, split: str, sources: list[DataSource]) -> SplitResult:
         out = SplitResult()
         for i, src in enumerate(sources):
             where = f"data.{stage}.{split}[{i}] ({src.path})"
-            for inp in expand(self.cfg.path(src.path), src.path, src.split):
-                res = self._process(stage, inp, src, where)
-                self.rejects.extend({**r, "stage": stage, "split": split} for r in res["rejects"])
-                taken = [tuple(t) for t in res["taken"]]
-                self.sources.append(
-                    {
-                        "stage": stage,
-                        "split": split,
-                        "file": str(inp),
-                        "format": res["format"],
-                        "rows_in": res["rows_in"],
-                        "rows_accepted": len(taken),
-                        "rows_rejected": res["rows_in"] - len(taken),
-                        "weight": src.weight,
-                    }
+            try:
+                found = scan(self.cfg.path(src.path), src.path, src.split)
+            except SourceError as e:
+                raise self._unreadable(stage, split, src.path, src, e) from None
+            self.skipped += [
+                {"file": s.file, "reason": s.reason, "stage": stage, "split": split} for s in found.skipped
+            ]
+            rows_in = 0
+            for inp in found.inputs:
+                try:
+                    res = self._process(stage, inp, src, where)
+                except (SourceError, DataError) as e:
+                    raise self._unreadable(stage, split, str(inp), src, e) from None
+                rows_in += res["rows_in"]
+                self.rejects.extend(
+                    {"file": str(inp), **r, "stage": stage, "split": split} for r in res["rejects"]
                 )
+                taken = [tuple(t) for t in res["taken"]]
+                entry = {
+                    "stage": stage,
+                    "split": split,
+                    "file": str(inp),
+                    "format": res["format"],
+                    "rows_in": res["rows_in"],
+                    "rows_accepted": len(taken),
+                    "rows_rejected": res["rows_in"] - len(taken),
+                    "weight": src.weight,
+                }
+                if "delimiter" in res:
+                    entry["delimiter"] = res["delimiter"]
+                self.sources.append(entry)
                 for rec, n, cut in self._weighted(taken, src.weight):
                     out.rows.append(rec)
                     out.lengths.append(n)
                     out.truncated += int(cut)
+            if rows_in == 0:
+                files = [str(inp) for inp in found.inputs]
+                what = (
+                    f"{files[0]} is empty" if len(files) == 1 else f"every file is empty ({', '.join(files)})"
+                )
+                raise DataError(
+                    f"{where}: {what}: no rows (blank lines and a CSV header are not rows); add records, "
+                    f"or remove the source from data.{stage}.{split}"
+                )
         return out
 
     def _weighted(self, items: list, weight: float) -> list:
@@ -325,70 +395,111 @@ class _Preparer:
         whole, rest = divmod(n, len(items))
         return items * whole + rng.sample(items, rest)
 
+    def check_train_rows(self, stage: str, train: SplitResult) -> None:
+        """A training split without rows: say why, with the first rejects."""
+        if train.rows:
+            return
+        ours = [s for s in self.sources if s["stage"] == stage and s["split"] == "train"]
+        rows_in, accepted = sum(s["rows_in"] for s in ours), sum(s["rows_accepted"] for s in ours)
+        rejects = [r for r in self.rejects if r["stage"] == stage and r["split"] == "train"]
+        why = f"{len(rejects)} of {rows_in} rows rejected" if rejects else f"{rows_in} rows read"
+        if accepted:
+            why += f", and data.{stage}.eval_split took the {accepted} accepted for eval"
+        msg = f"data.{stage}.train: no usable rows ({why})"
+        if rejects:
+            msg += f":\n{_quote(rejects)}\nFix the rows (all are listed in data/rejects.jsonl)."
+        raise DataError(msg)
+
     def check_bad_rows(self) -> None:
         total = sum(s["rows_in"] for s in self.sources)
         bad = len(self.rejects)
         limit = self.cfg.data.max_bad_rows
         allowed = limit * total if limit < 1 else limit
         if bad > allowed:
-            first = "\n".join(f"  {r['file']}:{r['line']}: {r['reason']}" for r in self.rejects[:5])
+            first = _quote(self.rejects)
             raise DataError(
                 f"{bad} of {total} rows rejected, more than data.max_bad_rows={limit:g} allows.\n{first}\n"
                 "Fix the rows (all are listed in data/rejects.jsonl) or raise data.max_bad_rows."
             )
 
 
+def _quote(rejects: list[dict[str, Any]]) -> str:
+    """The first rejects as `  file:line: reason` lines, for an error message."""
+    lines = [f"  {r['file']}:{r['line']}: {r['reason']}" for r in rejects[:SHOWN_REJECTS]]
+    if len(rejects) > SHOWN_REJECTS:
+        lines.append(f"  ... {len(rejects) - SHOWN_REJECTS} more")
+    return "\n".join(lines)
+
+
 def prepare(cfg: Config, tokenizer: Any, smoke: bool = False, log: Callable[[str], None] = print) -> Prepared:
+    """Every configured source, prepared. DataError when the data cannot be used: its `partial` holds
+    the sources, rejects and skipped files read so far."""
     p = _Preparer(cfg, tokenizer, smoke)
-    splits: dict[str, SplitResult] = {}
     try:
-        for stage in ("sft", "dpo"):
-            scfg = getattr(cfg.data, stage)
-            if not getattr(cfg, stage).enabled:
-                continue
-            if not scfg.train:
-                raise DataError(f"{cfg.source}: {stage} is enabled but data.{stage}.train lists no source")
-            train = p.load(stage, "train", scfg.train)
-            ev = p.load(stage, "eval", scfg.eval) if scfg.eval else SplitResult()
-            if scfg.eval_split and train.rows:
-                order = list(range(len(train.rows)))
-                random.Random(cfg.data.seed).shuffle(order)
-                n_eval = max(1, round(len(order) * scfg.eval_split))
-                pick = [set(order[:n_eval]), set(order[n_eval:])]
-                ev, train = (
-                    SplitResult([train.rows[i] for i in sorted(s)], [train.lengths[i] for i in sorted(s)])
-                    for s in pick
-                )
-            splits[f"{stage}_train"], splits[f"{stage}_eval"] = train, ev
-    except SourceError as e:
-        raise DataError(str(e)) from None
-    p.check_bad_rows()
+        splits = _load_splits(p, cfg)
+        p.check_bad_rows()
+    except DataError as e:
+        e.partial = p.partial()
+        raise
     for name, sp in splits.items():
         if smoke:
             keep = SMOKE_ROWS["train" if name.endswith("train") else "eval"]
             sp.rows, sp.lengths = sp.rows[:keep], sp.lengths[:keep]
-        if name.endswith("_train") and not sp.rows:
-            raise DataError(f"data.{name.split('_')[0]}.train: no usable rows (see data/rejects.jsonl)")
-    return Prepared(splits, p.sources, p.rejects, p.cache_hits)
+    return Prepared(splits, p.sources, p.rejects, p.cache_hits, p.skipped)
 
 
-def write_prepared(prep: Prepared, out_dir: Path) -> dict[str, Any]:
+def _load_splits(p: _Preparer, cfg: Config) -> dict[str, SplitResult]:
+    splits: dict[str, SplitResult] = {}
+    for stage in ("sft", "dpo"):
+        scfg = getattr(cfg.data, stage)
+        if not getattr(cfg, stage).enabled:
+            continue
+        if not scfg.train:
+            raise DataError(f"{cfg.source}: {stage} is enabled but data.{stage}.train lists no source")
+        train = p.load(stage, "train", scfg.train)
+        ev = p.load(stage, "eval", scfg.eval) if scfg.eval else SplitResult()
+        if scfg.eval_split and train.rows:
+            order = list(range(len(train.rows)))
+            random.Random(cfg.data.seed).shuffle(order)
+            n_eval = max(1, round(len(order) * scfg.eval_split))
+            pick = [set(order[:n_eval]), set(order[n_eval:])]
+            ev, train = (
+                SplitResult([train.rows[i] for i in sorted(s)], [train.lengths[i] for i in sorted(s)])
+                for s in pick
+            )
+        p.check_train_rows(stage, train)
+        splits[f"{stage}_train"], splits[f"{stage}_eval"] = train, ev
+    return splits
+
+
+def clear_prepared(out_dir: Path) -> None:
+    """The previous run's outputs of the data stage, removed before it runs: a failed run must not
+    leave old splits and stats to be read as current. Only the files this stage writes."""
+    for name in (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "rejects.jsonl"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def write_prepared(prep: Prepared, out_dir: Path, error: str | None = None) -> dict[str, Any]:
+    """The splits, rejects.jsonl and stats.json. With `error` (a failed stage: `prep` is the partial
+    result, without splits), stats.json records it."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Each file whole or not at all: a full disk leaves the previous file (or none), never a part.
     for name, sp in prep.splits.items():
-        tmp = out_dir / f".{name}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as fh:
+        with atomic_writer(out_dir / f"{name}.jsonl") as fh:
             for r in sp.rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.replace(out_dir / f"{name}.jsonl")
-    with (out_dir / "rejects.jsonl").open("w", encoding="utf-8") as fh:
+    with atomic_writer(out_dir / "rejects.jsonl") as fh:
         for r in prep.rejects:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     stats = {
         "sources": prep.sources,
         "splits": {name: _length_stats(sp.lengths, sp.truncated) for name, sp in prep.splits.items()},
         "rejected": len(prep.rejects),
+        "skipped_files": prep.skipped,
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    if error is not None:
+        stats["error"] = error
+    write_atomic(out_dir / "stats.json", json.dumps(stats, indent=2))
     return stats
 
 

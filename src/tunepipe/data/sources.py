@@ -3,6 +3,8 @@
 A source is a local file (.jsonl, .json, .csv, .tsv, .parquet), a glob or folder of such files, a
 folder written by `datasets.save_to_disk`, or a Hugging Face hub dataset id. Row numbers are the
 1-based line for JSONL/CSV/TSV and the 1-based record index for JSON arrays, parquet and datasets.
+Text files are UTF-8: a UTF-16/32 file is a SourceError with the `iconv` line that converts it, and
+a line holding a byte that is not UTF-8 is that line's error (the rest of the file is read).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,9 @@ class Row:
 
 
 SUPPORTED = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+CSV_DELIMITERS = ",;\t|"
+# Bytes that are not UTF-8, as `errors="surrogateescape"` decodes them: U+DC80..U+DCFF.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
@@ -71,32 +78,63 @@ def _inside(p: Path, folders: list[Path]) -> bool:
     return any(d in p.parents for d in folders)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A file in a source folder that is not read (unsupported type): reported, never dropped silently."""
+
+    file: str
+    reason: str
+
+
+@dataclass
+class Scan:
+    inputs: list[Input]
+    skipped: list[Skipped]
+
+
 def expand(path: Path, raw: str | None = None, split: str | None = None) -> list[Input]:
     """A source path (resolved against the config) -> its inputs, sorted. `raw` is the path as the
     user wrote it, used to recognise hub ids."""
+    return scan(path, raw, split).inputs
+
+
+def _hidden(p: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+
+def scan(path: Path, raw: str | None = None, split: str | None = None) -> Scan:
+    """`expand`, plus the files of a source folder that are skipped and why (hidden files such as
+    .gitkeep are left out quietly)."""
+    skipped: list[Skipped] = []
     text = str(path)
     if any(ch in text for ch in "*?["):
         files = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
         saved = [f for f in files if is_saved_dataset(f)]
         files = [f for f in files if (f.is_file() and not _inside(f, saved)) or f in saved]
     elif is_saved_dataset(path):
-        return [Input("saved", str(path), split)]
+        return Scan([Input("saved", str(path), split)], [])
     elif path.is_dir():
         # save_to_disk folders inside are datasets, not loose .json files.
         saved = [d for d in path.rglob("*") if is_saved_dataset(d)]
-        files = sorted(
-            [p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED and not _inside(p, saved)]
-            + saved
-        )
+        files = list(saved)
+        for p in sorted(path.rglob("*")):
+            if not p.is_file() or _inside(p, saved):
+                continue
+            if p.suffix in SUPPORTED:
+                files.append(p)
+            elif not _hidden(p, path):
+                skipped.append(Skipped(str(p), f"unsupported type {p.suffix or '(no extension)'}"))
+        files.sort()
     elif path.is_file():
         files = [path]
     elif raw and HUB_ID.match(raw) and not raw.startswith((".", "/")) and Path(raw).suffix not in SUPPORTED:
         # `data/train.jsonl` fits the owner/name shape too, but a data-file suffix means a missing file.
-        return [Input("hub", raw, split)]
+        return Scan([Input("hub", raw, split)], [])
     else:
         raise SourceError(f"data source not found: {path} (paths are relative to the config file)")
     if not files:
-        raise SourceError(f"no {', '.join(SUPPORTED)} files found under {path}")
+        found = f" (it holds only {', '.join(Path(s.file).name for s in skipped[:5])})" if skipped else ""
+        raise SourceError(f"no {', '.join(SUPPORTED)} files found under {path}{found}")
     out = []
     for f in files:
         if is_saved_dataset(f):
@@ -105,7 +143,7 @@ def expand(path: Path, raw: str | None = None, split: str | None = None) -> list
             raise SourceError(f"{f}: unsupported file type {f.suffix!r} (supported: {', '.join(SUPPORTED)})")
         else:
             out.append(Input("file", str(f)))
-    return out
+    return Scan(out, skipped)
 
 
 def _object_rows(name: str, records: Iterator[Any]) -> Iterator[Row]:
@@ -118,15 +156,76 @@ def _object_rows(name: str, records: Iterator[Any]) -> Iterator[Row]:
             )
 
 
+def check_text_encoding(path: Path) -> None:
+    """A UTF-16 or UTF-32 file (with a byte-order mark, or without one: NUL bytes) cannot be read as
+    UTF-8 line by line: one clear error with the command that converts it."""
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        enc, how = "UTF-32", "it starts with a UTF-32 byte-order mark"
+    elif head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        enc, how = "UTF-16", "it starts with a UTF-16 byte-order mark"
+    elif b"\x00" in head:
+        # UTF-16 text without a byte-order mark: ASCII characters have a NUL in their other byte.
+        enc = "UTF-16LE" if head[1::2].count(0) >= head[0::2].count(0) else "UTF-16BE"
+        how = "it holds NUL bytes, as UTF-16 text does, or it is not a text file"
+    else:
+        return
+    out = path.with_name(f"{path.stem}.utf8{path.suffix}")
+    raise SourceError(
+        f"{path}: not UTF-8: the file looks {enc}-encoded ({how}); tunepipe reads UTF-8 text. Convert it: "
+        f"iconv -f {enc} -t UTF-8 {shlex.quote(str(path))} > {shlex.quote(str(out))} and point the source "
+        "at the new file (or replace the original with it)"
+    )
+
+
+def not_utf8(text: str) -> str | None:
+    """The reject reason for a line decoded with errors="surrogateescape" that holds a non-UTF-8 byte."""
+    m = _NOT_UTF8.search(text)
+    if m is None:
+        return None
+    return (
+        f"not UTF-8: byte 0x{ord(m.group()) - 0xDC00:02x} at column {m.start() + 1}; save the file as UTF-8"
+    )
+
+
+def json_line_error(line: str, e: json.JSONDecodeError) -> str:
+    """The reason for an invalid JSONL line, with the 1-based character column in the line as an editor
+    shows it (`line` without its line ending, so a missing quote is not reported past the end)."""
+    col = e.pos + 1
+    if e.pos == 0 and line.startswith("\ufeff"):
+        return (
+            "invalid JSON: the line starts with a byte-order mark (U+FEFF, left by joining files); remove it"
+        )
+    before = line[: e.pos].rstrip()
+    if before.endswith(",") and line[e.pos : e.pos + 1] in ("}", "]"):
+        return f"invalid JSON: trailing comma at column {len(before)}"
+    if e.msg.startswith("Unterminated string"):
+        return f"invalid JSON: unterminated string starting at column {col} (a missing closing quote?)"
+    msg = e.msg.removesuffix(" at")  # "Invalid control character at"
+    if e.pos >= len(line):
+        return (
+            f"invalid JSON: {msg} at the end of the line (column {col}): the record is cut short, or "
+            "spread over several lines (JSONL needs one record per line)"
+        )
+    return f"invalid JSON: {msg} at column {col}"
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8-sig") as fh:
-        for n, line in enumerate(fh, 1):
+    check_text_encoding(path)
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
+        for n, raw in enumerate(fh, 1):
+            line = raw.rstrip("\r\n")
             if not line.strip():
                 continue  # blank lines are not rows
+            bad = not_utf8(line)
+            if bad:
+                yield Row(str(path), n, None, bad)
+                continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                yield Row(str(path), n, None, f"invalid JSON: {e.msg} at column {e.colno}")
+                yield Row(str(path), n, None, json_line_error(line, e))
                 continue
             if not isinstance(rec, dict):
                 yield Row(
@@ -137,8 +236,18 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 
 def _read_json(path: Path) -> Iterator[Row]:
+    check_text_encoding(path)
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    m = _NOT_UTF8.search(text)
+    if m is not None:
+        start = text.rfind("\n", 0, m.start()) + 1
+        line = text.count("\n", 0, m.start()) + 1
+        raise SourceError(
+            f"{path}:{line}: {not_utf8(text[start : m.end()])} (a .json file is read whole, so one bad "
+            "byte stops the file; .jsonl rejects only the line)"
+        )
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SourceError(
             f"{path}:{e.lineno}: invalid JSON: {e.msg} (a .json file must be one JSON array or object; "
@@ -168,22 +277,64 @@ def _cell(value: str) -> Any:
     return value
 
 
+def csv_delimiter(path: Path) -> str:
+    """The delimiter of a .csv/.tsv file: the suffix's (comma, tab) unless the header is then a single
+    column and another of , ; tab | splits it (csv.Sniffer first, then the header alone)."""
+    default = "\t" if path.suffix == ".tsv" else ","
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        sample = fh.read(64 << 10)
+    if "\n" in sample.rstrip("\r\n"):
+        sample = sample[: sample.rfind("\n") + 1]  # whole lines only
+
+    def width(d: str) -> int:
+        return len(next(csv.reader(io.StringIO(sample), delimiter=d), []))
+
+    if width(default) > 1:
+        return default
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+        if width(sniffed) > 1:
+            return sniffed
+    except csv.Error:
+        pass  # no consistent delimiter in the sample: the header decides
+    best = max(CSV_DELIMITERS, key=width)
+    return best if width(best) > 1 else default
+
+
 def _read_csv(path: Path) -> Iterator[Row]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+    check_text_encoding(path)
+    delimiter = csv_delimiter(path)
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        lines: list[str] = []  # the raw lines of the record being read, to place a bad byte
+
+        def feed() -> Iterator[str]:
+            for line in fh:
+                lines.append(line)
+                yield line
+
+        reader = csv.reader(feed(), delimiter=delimiter)
         header = next(reader, None)
         if header is None:
             return
+        bad = next(filter(None, map(not_utf8, lines)), None)
+        if bad:
+            raise SourceError(f"{path}:1: the header line is {bad}")
         width = len(header)
         while True:
             start = reader.line_num + 1  # the line this record starts on
+            lines.clear()
             try:
                 cells = next(reader)
             except StopIteration:
                 break
             except csv.Error as e:
                 yield Row(str(path), start, None, f"unreadable CSV row: {e}")
+                continue
+            bad = next(((k, b) for k, b in enumerate(map(not_utf8, lines)) if b), None)
+            if bad:
+                k, reason = bad
+                at = f"line {start + k}, column" if k else "column"
+                yield Row(str(path), start, None, reason.replace("at column", f"at {at}", 1))
                 continue
             if not cells or all(not c.strip() for c in cells):
                 continue  # blank lines are not rows
@@ -193,14 +344,33 @@ def _read_csv(path: Path) -> Iterator[Row]:
             yield Row(str(path), start, {k: _cell(v) for k, v in zip(header, cells, strict=True)})
 
 
+def _not_parquet(path: Path, e: Exception) -> SourceError:
+    with path.open("rb") as fh:
+        head = fh.read(512).lstrip()
+    if head[:1] in (b"{", b"["):
+        hint = "it looks like JSON: name it .jsonl (one record per line) or .json"
+    elif head and b"\x00" not in head:
+        hint = "it looks like text: give it the suffix of its real format (.csv, .tsv, .jsonl)"
+    else:
+        hint = "write it again with pandas `df.to_parquet(path)` or pyarrow `pq.write_table(table, path)`"
+    return SourceError(f"not a parquet file: {path} ({type(e).__name__}: {e}); {hint}")
+
+
 def _read_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _not_parquet(path, e) from None
 
     def records() -> Iterator[Any]:
-        for batch in pf.iter_batches(batch_size=4096):
-            yield from batch.to_pylist()
+        try:
+            for batch in pf.iter_batches(batch_size=4096):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise SourceError(f"{path}: unreadable parquet file ({type(e).__name__}: {e})") from None
 
     yield from _object_rows(str(path), records())
 
@@ -264,6 +434,8 @@ def read_rows(inp: Input | Path) -> Iterator[Row]:
         yield from _read_saved(inp)
         return
     path = Path(inp.name)
+    if path.stat().st_size == 0:
+        return  # no rows; the caller says the file is empty
     reader = {
         ".jsonl": _read_jsonl,
         ".json": _read_json,

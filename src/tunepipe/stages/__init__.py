@@ -47,6 +47,8 @@ class StageContext:
     log: Callable[[str], None] = print
     fingerprint: str = ""  # the stage's input fingerprint: checkpoints are only resumed under the same one
     deadline: float | None = None  # time.time() by which a training stage must have stopped (time budget)
+    verbose: bool = False  # --verbose: library warnings and raw trainer logs on the terminal too
+    budget_end: float | None = None  # time.time() by which the whole run must end (hardware.time_limit)
 
     def stage_dir(self, name: str) -> Path:
         d = self.run_dir / name
@@ -58,17 +60,26 @@ class StageContext:
         return self.run_dir / "data"
 
 
-def write_stage_json(stage_dir: Path, name: str, result: StageResult, started: float, status: str) -> None:
-    """stage.json is written last, atomically: a stage without it (or with status != done) is not done."""
+def write_stage_json(
+    stage_dir: Path,
+    name: str,
+    result: StageResult,
+    started: float,
+    status: str,
+    fingerprint: str | None = None,
+) -> None:
+    """stage.json is written last, atomically: a stage without it (or with status != done) is not done.
+    It holds the stage's input fingerprint, so pipeline.json can be rebuilt from it."""
+    from ..runfolder import write_atomic
+
     payload = {
         "stage": name,
         "status": status,
+        "fingerprint": fingerprint,
         "summary": result.summary,
         "gates": [asdict(g) for g in result.gates],
         "outputs": result.outputs,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
     }
-    tmp = stage_dir / ".stage.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(stage_dir / "stage.json")
+    write_atomic(stage_dir / "stage.json", json.dumps(payload, indent=2, default=str))

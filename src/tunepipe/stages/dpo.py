@@ -108,7 +108,7 @@ def run(ctx: StageContext) -> StageResult:
     saved = save_result(training.trainer.model, out, d)
 
     log_rows = read_log(out / "log.jsonl")
-    gates = loss_gate(log_rows, require_falling=not ctx.smoke)
+    gates = loss_gate(log_rows, False if ctx.smoke else ctx.cfg.training.loss_falling_gate)
     losses = [r["loss"] for r in log_rows]
     acc = [r["rewards/accuracies"] for r in log_rows if "rewards/accuracies" in r]
     return StageResult(

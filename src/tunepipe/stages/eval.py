@@ -53,9 +53,9 @@ def _read_file_set(cfg: Config, spec: EvalSet) -> tuple[str, list[dict[str, Any]
     its file and line (a held-out set with silently dropped rows would score something else)."""
     try:
         inputs = expand(cfg.path(spec.source), spec.source)
+        rows = [r for inp in inputs for r in read_rows(inp)]  # an unreadable file is a SourceError too
     except SourceError as e:
         raise DataError(f"eval set {spec.name!r}: {e}") from None
-    rows = [r for inp in inputs for r in read_rows(inp)]
     records = [r.record for r in rows if r.record is not None]
     if not records:
         raise DataError(f"eval set {spec.name!r}: {spec.source} has no rows")

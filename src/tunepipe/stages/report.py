@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..redaction import redact_text
 from ..training import read_log
 from . import Gate, StageContext, StageResult
 
@@ -496,7 +497,7 @@ def write_report(run: RunData, cfg: Config | None, out: Path, smoke: bool = Fals
         md += ["## Sample generations", ""]
         for s, rows in samples.items():
             md += [f"### {s}", "", _markdown(rows), ""]
-    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (out / "report.md").write_text(redact_text("\n".join(md)), encoding="utf-8")
 
     blocks = [_md_to_html_lines(summary), "<h2>Warnings</h2>"]
     blocks.append(
@@ -519,7 +520,7 @@ def write_report(run: RunData, cfg: Config | None, out: Path, smoke: bool = Fals
         blocks.append("<h2>Sample generations</h2>")
         for s, rows in samples.items():
             blocks += [f"<h3>{html.escape(s)}</h3>", _html_table(rows)]
-    (out / "report.html").write_text(_html_page(title, blocks), encoding="utf-8")
+    (out / "report.html").write_text(redact_text(_html_page(title, blocks)), encoding="utf-8")
     plots = [p.name for p in curve_pngs] + (["lengths.png"] if has_lengths else [])
     return {"plots": plots, "warnings": warnings}
 
@@ -570,7 +571,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     md = ["# Run comparison", "", _markdown(summary), "", "## Metrics", "", _markdown(table), ""]
     if diff:
         md += ["## Config differences", "", _markdown(diff), ""]
-    (out / "compare.md").write_text("\n".join(md), encoding="utf-8")
+    (out / "compare.md").write_text(redact_text("\n".join(md)), encoding="utf-8")
     blocks = [_html_table(summary), "<h2 id='metrics'>Metrics</h2>", _html_table(table)]
     if diff:
         blocks += ["<h2>Config differences</h2>", _html_table(diff)]
@@ -580,7 +581,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
             if plot_curves(r.logs.get(stage, []), stage, png):
                 blocks += [f"<h3>{html.escape(n)}: {stage}</h3>", _img(png)]
     page = out / "compare.html"
-    page.write_text(_html_page("Run comparison", blocks), encoding="utf-8")
+    page.write_text(redact_text(_html_page("Run comparison", blocks)), encoding="utf-8")
     return page
 
 

@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> StageResult:
     saved = save_result(training.trainer.model, out, cfg.sft)
 
     log_rows = read_log(out / "log.jsonl")
-    gates = loss_gate(log_rows, require_falling=not ctx.smoke)
+    gates = loss_gate(log_rows, False if ctx.smoke else ctx.cfg.training.loss_falling_gate)
     losses = [r["loss"] for r in log_rows]
     return StageResult(
         summary=f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
