@@ -89,12 +89,9 @@ def test_a_second_run_on_a_busy_folder_exits_2_naming_the_first_ones_pid(tmp_pat
         "TUNEPIPE_FAULT": "slow_step:sft:400",
         "WANDB_API_KEY": env_secret,
     }
-    first = subprocess.Popen(
-        [sys.executable, "-m", "tunepipe", "run", str(cfg)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    out_file, err_file = (tmp_path / "first.out").open("w"), (tmp_path / "first.err").open("w")
+    first = subprocess.Popen(  # output to files: a full pipe would block it while the test waits
+        [sys.executable, "-m", "tunepipe", "run", str(cfg)], env=env, stdout=out_file, stderr=err_file
     )
     lock = run / ".tunepipe.lock"
     deadline = time.time() + 120
@@ -104,7 +101,9 @@ def test_a_second_run_on_a_busy_folder_exits_2_naming_the_first_ones_pid(tmp_pat
         time.sleep(0.2)
     assert first.poll() is None, "the first run ended before the second could start"
     second = tunepipe("run", cfg)
-    out, err = first.communicate(timeout=600)
+    first.wait(timeout=600)
+    out_file.close(), err_file.close()
+    out, err = (tmp_path / "first.out").read_text(), (tmp_path / "first.err").read_text()
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     _no_traceback(second)
     assert f"PID {first.pid}" in second.stderr and "in use by another tunepipe process" in second.stderr
