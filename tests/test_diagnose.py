@@ -290,3 +290,177 @@ def test_json_output_shape() -> None:
     assert set(out["where"]) == {"frame", "raised_in", "exception", "rank"}
     assert out["id"] == "pad-token-missing" and isinstance(out["fix"], list)
     assert isinstance(d, Diagnosis)
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+
+
+CORRUPT_CHECKPOINT_LOGS = {
+    # The stage logs of a resume from a checkpoint with a garbage optimizer.pt, a cut trainer_state.json
+    # and a cut adapter_model.safetensors (tunepipe before it checked checkpoints; torch 2.13).
+    "optimizer.pt": "checkpoint-corrupt.log",
+    "trainer_state.json": "checkpoint-corrupt-2.log",
+    "adapter_model.safetensors": "checkpoint-corrupt-3.log",
+}
+
+
+@pytest.mark.parametrize("broken", list(CORRUPT_CHECKPOINT_LOGS))
+def test_a_corrupt_checkpoint_file_is_not_a_weights_only_or_data_problem(broken: str) -> None:
+    d = diagnose_text((FIXTURES / CORRUPT_CHECKPOINT_LOGS[broken]).read_text())
+    assert d.id == "checkpoint-corrupt", format_diagnosis(d)
+    advice = " ".join(d.fix)
+    assert "weights_only=False" not in advice  # unpickling garbage can run code, and would not help
+    assert "corrupt-checkpoint-N" in advice and "checkpoint-6" in advice  # the folder the log resumed
+
+
+def test_a_corrupt_checkpoint_is_named_from_the_log() -> None:
+    d = diagnose_text((FIXTURES / "checkpoint-corrupt-5.log").read_text())
+    assert d.id == "checkpoint-corrupt"
+    assert (
+        d.fix[0]
+        == "The file that cannot be read is `/scratch/carol/runs/llama-sft/checkpoint-500/optimizer.pt`."
+    )
+    assert d.fix[1].startswith("Move `/scratch/carol/runs/llama-sft/checkpoint-500` aside")
+    d = diagnose_text((FIXTURES / "checkpoint-corrupt-4.log").read_text())  # only the folder is named
+    assert d.fix[0].startswith("Move `outputs/run3/checkpoint-1500` aside")
+
+
+def test_garbage_read_with_weights_only_is_not_the_weights_only_change() -> None:
+    """torch wraps any unpickling error in its weights_only message; for garbage the detail after the
+    blank line is an opcode, for the real torch 2.6 change it is an unsupported global."""
+    summary = (
+        "unexpected error: UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed the default "
+        "value of the `weights_only` argument in `torch.load` from `False` to `True`.\n"
+        "Please file an issue with the following so that we can make `weights_only=True` compatible with "
+        "your use case: WeightsUnpickler error: \n"
+        "\n"
+        "Unsupported operand 94\n"
+        "\n"
+        "Check the documentation of torch.load to learn more.\n"
+        "  at /home/alice/llm/.venv/lib/python3.11/site-packages/tunepipe/training.py:262 in _run\n"
+    )
+    d = diagnose_text(summary)
+    assert d.id == "safetensors-corrupt" and "weights_only=False" not in " ".join(d.fix), format_diagnosis(d)
+    real = diagnose_text((FIXTURES / "torch-load-weights-only.log").read_text())
+    assert real.id == "torch-load-weights-only"
+    assert any("add_safe_globals" in step for step in real.fix)
+    for step in real.fix:  # weights_only=False only ever with the condition that the file is trusted
+        assert "weights_only=False" not in step or "only for a file you made or fully trust" in step
+
+
+def test_patterns_take_only_known_kinds(tmp_path: Path) -> None:
+    bad = tmp_path / "kb.yaml"
+    bad.write_text("- {id: a-b, title: t, patterns: {any: [x], capure: [y]}, cause: c, fix: ['`x`']}\n")
+    with pytest.raises(ValueError, match="patterns takes any, all, none and capture"):
+        load_knowledge(bad)
+
+
+# --------------------------------------------------------------------------- tunepipe's own errors
+
+
+SITE = "/home/alice/llm/.venv/lib/python3.11/site-packages"
+OWN_ERRORS = {
+    # The CLI's line for bad config (a ConfigError), wrapped by the terminal.
+    "cli-config": (
+        "error: tunepipe.yaml: sft.learning_rate: Input should be a valid number, unable to parse\n"
+        "string as a number (got 'fast'). Fix the value in tunepipe.yaml or override it with\n"
+        "sft.learning_rate=1e-4\n",
+        "tunepipe.yaml: sft.learning_rate: Input should be a valid number, unable to parse string as a "
+        "number (got 'fast'). Fix the value in tunepipe.yaml or override it with sft.learning_rate=1e-4",
+        "Fix the value in tunepipe.yaml or override it with sft.learning_rate=1e-4",
+        2,
+    ),
+    # A traceback in logs/<stage>.log, with the next log record right after it.
+    "traceback-config": (
+        "Traceback (most recent call last):\n"
+        f'  File "{SITE}/tunepipe/pipeline.py", line 398, in _run_stage\n'
+        "    result: StageResult = module.run(ctx)\n"
+        "tunepipe.config.ConfigError: tunepipe.yaml: data.max_length must be at least 16; "
+        "set data.max_length: 512\n"
+        "21:14:17 [sft] failed\n",
+        "tunepipe.yaml: data.max_length must be at least 16; set data.max_length: 512",
+        "Set data.max_length: 512",
+        2,
+    ),
+    "bare-data": (
+        "DataError: data/train.jsonl:3: role 'bot' is not one of system, user, assistant, tool; "
+        "rename it with `columns:` or fix the row\n",
+        "data/train.jsonl:3: role 'bot' is not one of system, user, assistant, tool; rename it with "
+        "`columns:` or fix the row",
+        "Rename it with `columns:` or fix the row",
+        2,
+    ),
+    # Printed after a progress bar that ended without a newline.
+    "after-progress-bar": (
+        " 50%|█████     | 4/8 [00:01<00:01,  3.1it/s]error: --stage 'ppo': choose sft or dpo\n",
+        "--stage 'ppo': choose sft or dpo",
+        "Choose sft or dpo",
+        2,
+    ),
+    "unexpected-own": (
+        "unexpected error: PlannerError: hardware.gpu_memory_gb is not set and no GPU is visible: "
+        "set hardware.gpu_memory_gb to plan for a target machine\n"
+        f"  at {SITE}/tunepipe/planner.py:140 in starting_batch\n"
+        "  the full traceback is in <output_dir>/logs/<stage>.log, the diagnosis in "
+        "logs/<stage>.diagnosis.txt; or paste any log into `tunepipe diagnose -`\n",
+        "hardware.gpu_memory_gb is not set and no GPU is visible: set hardware.gpu_memory_gb to plan "
+        "for a target machine",
+        "Set hardware.gpu_memory_gb to plan for a target machine",
+        1,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OWN_ERRORS))
+def test_tunepipe_own_errors_are_reported_as_their_message(case: str) -> None:
+    log, cause, fix, code = OWN_ERRORS[case]
+    d = diagnose_text(log)
+    assert d.id == "tunepipe-message", format_diagnosis(d)
+    assert d.cause == cause
+    assert d.title.endswith(f"(exit {code})") and d.confidence >= 0.9
+    assert d.fix[0] == fix and d.fix[-1].startswith(f"Exit code {code} means")
+
+
+def test_tunepipe_own_error_with_a_known_issue_puts_its_instruction_first() -> None:
+    d = diagnose_text(
+        " 75%|███████▌  | 6/8 [00:00<00:00, 13.94it/s]gate failed: [sft] needs stage 'data' to be "
+        "done and up to date first: run `tunepipe run tunepipe.yaml` (or the 'data' stage)\n"
+    )
+    assert d.id == "tunepipe-gate-failed"
+    assert d.fix[0] == "Run `tunepipe run tunepipe.yaml` (or the 'data' stage)"
+    assert d.where["exception"].startswith("tunepipe.GateFailed: [sft] needs stage 'data'")
+
+
+def test_own_exceptions_are_read_without_a_traceback_and_their_exit_code_explained() -> None:
+    """Often only the last line is pasted: tunepipe's own classes count without an Error suffix."""
+    d = diagnose_text(
+        "tunepipe.stages.StageStopped: [dpo] stopped (signal SIGTERM); run the same command again\n"
+    )
+    assert (d.id, d.title) == (
+        "tunepipe-message",
+        "tunepipe's own error: stopped with a checkpoint saved (exit 75)",
+    )
+    assert d.fix == [
+        "Run the same command again",
+        "Exit code 75 means tunepipe stopped early with a complete checkpoint (time budget or a signal): "
+        "nothing is broken; run the same command again to resume.",
+    ]
+    d = diagnose_text(
+        "GateFailed: [eval] win_rate 0.31 < 0.5; lower eval.gate.min_win_rate or train longer\n"
+    )
+    assert (d.id, d.title) == ("tunepipe-message", "tunepipe's own error: a stage gate failed (exit 3)")
+    assert d.fix[0] == "Lower eval.gate.min_win_rate or train longer"
+    # A known issue still wins, and tunepipe's own instruction comes first among its steps.
+    d = diagnose_text(
+        "OutOfMemory: [sft] out of memory at step 4 even with micro-batch 1. Options: method: qlora "
+        "(model.load_in_4bit: true), a shorter data.max_length\n"
+    )
+    assert d.id == "cuda-oom-train"
+    assert d.fix[0] == "Options: method: qlora (model.load_in_4bit: true), a shorter data.max_length"
+
+
+def test_other_tools_error_lines_are_not_tunepipe_messages() -> None:
+    d = diagnose_text("  error: subprocess-exited-with-error\n\nerror: metadata-generation-failed\n")
+    assert d.id != "tunepipe-message"
+    d = diagnose_text("foo.ConfigError: a library's class of the same name\n")
+    assert d.id != "tunepipe-message"

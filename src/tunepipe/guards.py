@@ -7,9 +7,11 @@ stops for the time budget and signals, and fault hooks for tests.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -75,10 +77,35 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_dirs(folder: Path) -> list[Path]:
+    """The trainer's `checkpoint-<step>` folders in `folder`, oldest first. Exact names only: a folder
+    moved aside (`corrupt-checkpoint-6`) or renamed by hand (`checkpoint-6.bak`) is never resumed or
+    rotated away."""
+    found = [d for d in folder.glob("checkpoint-*") if _CHECKPOINT_NAME.fullmatch(d.name) and d.is_dir()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class CheckpointMarker(TrainerCallback):
     """Marks a checkpoint complete once the trainer has written all of it (weights, optimizer,
     scheduler, RNG, trainer state): files fsynced, then the marker written atomically. Resume only
-    trusts marked checkpoints, so a crash in the middle of a save never yields a half checkpoint."""
+    trusts marked checkpoints, so a crash in the middle of a save never yields a half checkpoint.
+
+    The marker holds a manifest of the checkpoint's files (size, and sha256 up to HASH_LIMIT), so a
+    file that changed after the save (a bad disk, a truncated copy) is caught by `verify` before
+    resuming, not by torch.load in the middle of it."""
+
+    HASH_LIMIT = 256 * 2**20  # bytes; bigger files (a full model's shards, its optimizer) by size only
 
     def __init__(self, stage: str, fingerprint: str, keep: int = 2):
         self.stage = stage
@@ -86,6 +113,13 @@ class CheckpointMarker(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if getattr(args, "world_size", 1) > 1:
+            import torch.distributed as dist
+
+            # Every process writes its own files (rng_state_<rank>.pth, ZeRO shards) with no barrier
+            # before this callback: wait for all of them before the manifest records sizes and hashes.
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -101,21 +135,65 @@ class CheckpointMarker(TrainerCallback):
             "step": state.global_step,
             "fingerprint": self.fingerprint,
             "loss": losses[-1] if losses else None,
+            "files": self.manifest(ckpt),
         }
         tmp = ckpt / f".{COMPLETE}.tmp"
         tmp.write_text(json.dumps(marker))
         os.replace(tmp, ckpt / COMPLETE)
         self._rotate(Path(args.output_dir))
 
+    @classmethod
+    def manifest(cls, ckpt: Path) -> dict[str, dict[str, Any]]:
+        """{path inside the checkpoint: {"size": bytes, "sha256": hex}} for every file but the marker."""
+        files: dict[str, dict[str, Any]] = {}
+        for f in sorted(ckpt.rglob("*")):
+            rel = f.relative_to(ckpt).as_posix()
+            if not f.is_file() or rel == COMPLETE or f.name.startswith(f".{COMPLETE}"):
+                continue
+            size = f.stat().st_size
+            files[rel] = {"size": size, **({"sha256": _sha256(f)} if size <= cls.HASH_LIMIT else {})}
+        return files
+
+    @staticmethod
+    def verify(ckpt: Path) -> str | None:
+        """Why the marked checkpoint `ckpt` cannot be resumed ("<file>: <what is wrong>"), or None.
+
+        trainer_state.json must parse, and every file in the marker's manifest must have the size and
+        sha256 it had when saved. Markers written before manifests existed only get the first check."""
+        try:
+            marker = json.loads((ckpt / COMPLETE).read_text())
+            if not isinstance(marker, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            return f"{COMPLETE}: unreadable ({e})"
+        try:
+            if not isinstance(json.loads((ckpt / "trainer_state.json").read_text()), dict):
+                return "trainer_state.json: not a JSON object"
+        except FileNotFoundError:
+            return "trainer_state.json: missing"
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            return f"trainer_state.json: not valid JSON ({e})"
+        files = marker.get("files")
+        for rel, saved in (files if isinstance(files, dict) else {}).items():
+            f = ckpt / rel
+            if not f.is_file():
+                return f"{rel}: missing"
+            size = f.stat().st_size
+            if size != saved.get("size"):
+                return f"{rel}: {size} bytes, {saved.get('size')} when it was saved"
+            if "sha256" in saved and _sha256(f) != saved["sha256"]:
+                return f"{rel}: its content changed after it was saved (sha256 differs)"
+        return None
+
     def _rotate(self, folder: Path) -> None:
         """Keep the newest `keep` complete checkpoints and the one with the lowest logged loss; the
         newest complete one is never deleted. (The trainer's own rotation is off: it cannot tell
         complete checkpoints from interrupted ones.)"""
         done = []
-        for d in folder.glob("checkpoint-*"):
+        for d in checkpoint_dirs(folder):
             with contextlib.suppress(OSError, ValueError):
-                done.append((json.loads((d / COMPLETE).read_text()), d))
-        done.sort(key=lambda x: x[0]["step"])
+                marker = json.loads((d / COMPLETE).read_text())
+                done.append((marker if isinstance(marker, dict) else {}, d))  # oldest first
         keep = {d for _, d in done[-self.keep :]}
         scored = [
             (m["loss"], d) for m, d in done if isinstance(m.get("loss"), float) and math.isfinite(m["loss"])

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .compat import lm_head_on_loss_positions, sampling_kwargs, warmup_kwargs
 from .config import Config, StageTrainingConfig
+from .console import ConsoleProgress, remove_library_printers
 from .dist import is_main, world_size
 from .guards import (
     COMPLETE,
@@ -18,6 +21,7 @@ from .guards import (
     FaultInjector,
     JsonlLogCallback,
     StopRequest,
+    checkpoint_dirs,
     fault,
 )
 from .modeling import Plan
@@ -76,7 +80,10 @@ def trainer_args(
         # Log NaN/inf as they are; the default filter would average them away.
         "logging_nan_inf_filter": False,
         "max_length": cfg.data.max_length,
-        "disable_tqdm": False,
+        # ConsoleProgress prints one line per logging step instead of tqdm's bar and the raw log dicts.
+        "disable_tqdm": True,
+        # For tokens/s on the console: real tokens, padding not counted (transformers >= 4.56).
+        "include_num_input_tokens_seen": "non_padding",
     }
 
 
@@ -101,24 +108,44 @@ def auto_checkpointing(cfg: Config, stage: str, device: str) -> bool:
     return checkpointing_decision(cfg, stage, device="cuda", memory_bytes=memory)[0]  # type: ignore[arg-type]
 
 
-def loss_gate(rows: list[dict[str, Any]], require_falling: bool) -> list[Gate]:
-    """Gate: training started, every logged loss is finite, and (outside smoke runs) it fell."""
+LOSS_GATE_MIN_STEPS = 10  # below this, first-vs-last quarter means are per-batch noise
+
+
+def loss_gate(rows: list[dict[str, Any]], require_falling: bool | str) -> list[Gate]:
+    """Gate: training started, every logged loss is finite, and the loss fell.
+
+    `require_falling` is training.loss_falling_gate: auto checks it on runs with at least
+    LOSS_GATE_MIN_STEPS logged steps (on shorter ones the quarters are one or two batches each, and
+    length-grouped batches differ in loss more than a few steps of learning move it), true on any run
+    with two or more, false never."""
     losses = [r["loss"] for r in rows if "loss" in r]
     gates = [Gate("training_started", bool(losses), f"{len(losses)} logged steps")]
     if not losses:
         return gates
     finite = all(math.isfinite(x) for x in losses)
     gates.append(Gate("loss_finite", finite, "all finite" if finite else "NaN/inf loss logged"))
-    if require_falling and finite:
-        k = max(1, len(losses) // 4)
-        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    if not finite or require_falling is False:
+        return gates
+    if require_falling == "auto" and len(losses) < LOSS_GATE_MIN_STEPS:
         gates.append(
             Gate(
                 "loss_falling",
-                last < first and len(losses) >= 2,
-                f"mean of first {k} steps {first:.4f} -> last {k} steps {last:.4f}",
+                True,
+                f"not checked: {len(losses)} logged steps < {LOSS_GATE_MIN_STEPS} "
+                "(training.loss_falling_gate: true checks short runs too)",
             )
         )
+        return gates
+    k = max(1, len(losses) // 4)
+    first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    gates.append(
+        Gate(
+            "loss_falling",
+            last < first and len(losses) >= 2,
+            f"mean of first {k} steps {first:.4f} -> last {k} steps {last:.4f}"
+            + ("" if last < first else " (training.loss_falling_gate: false switches this gate off)"),
+        )
+    )
     return gates
 
 
@@ -149,10 +176,12 @@ def _step_of(ckpt: Path) -> int:
 
 
 def resume_point(stage_dir: Path, fingerprint: str, log: Any = print) -> Path | None:
-    """The newest complete checkpoint of this stage under the same inputs, or None.
+    """The newest complete, intact checkpoint of this stage under the same inputs, or None.
 
     Checkpoints made under other inputs (config, data, code) are removed: resuming them would mix two
-    runs. Checkpoints without the completion marker were interrupted mid-save and are removed too."""
+    runs. Checkpoints without the completion marker were interrupted mid-save and are removed too.
+    A complete one that fails `CheckpointMarker.verify` (a file changed since the save, a broken
+    trainer_state.json) is moved aside, not deleted, and the next older one is tried."""
     ckdir = stage_dir / "checkpoints"
     stamp = ckdir / "fingerprint.txt"
     main = is_main()  # under DDP every process reads; only the main one cleans up
@@ -161,18 +190,88 @@ def resume_point(stage_dir: Path, fingerprint: str, log: Any = print) -> Path | 
         if main:
             shutil.rmtree(ckdir, ignore_errors=True)
     same_inputs = stamp.is_file() and stamp.read_text() == fingerprint
-    complete = []
-    for d in sorted(ckdir.glob("checkpoint-*")) if same_inputs else []:
-        if (d / COMPLETE).is_file():
-            complete.append(d)
-        else:
+    for d in checkpoint_dirs(ckdir) if same_inputs else []:
+        if not (d / COMPLETE).is_file():
             log(f"ignoring {d.name}: interrupted while being saved")
             if main:
                 shutil.rmtree(d, ignore_errors=True)
     ckdir.mkdir(parents=True, exist_ok=True)
     if main:
         stamp.write_text(fingerprint)
-    return max(complete, key=_step_of) if complete else None
+    complete = _complete_checkpoints(ckdir) if same_inputs else []
+    for i, d in enumerate(complete):
+        problem = CheckpointMarker.verify(d)
+        if problem is None:
+            return d
+        log(_set_aside(d, f"is corrupt ({problem})", complete[i + 1 :]))
+    return None
+
+
+def _complete_checkpoints(ckdir: Path) -> list[Path]:
+    """The checkpoints with a completion marker, newest first."""
+    return [d for d in reversed(checkpoint_dirs(ckdir)) if (d / COMPLETE).is_file()]
+
+
+def _set_aside(ckpt: Path, problem: str, older: list[Path]) -> str:
+    """Move a checkpoint that cannot be resumed to `corrupt-checkpoint-N` beside it: kept for a look,
+    outside the `checkpoint-*` names that resume and the trainer read. Returns the line to log."""
+    aside = ckpt.with_name(f"corrupt-{ckpt.name}")
+    n = 1
+    while aside.exists():  # the same step went bad before
+        n += 1
+        aside = ckpt.with_name(f"corrupt-{ckpt.name}.{n}")
+    if is_main():
+        ckpt.rename(aside)
+    stage = ckpt.parent.parent.name
+    then = (
+        f"falling back to {older[0].name}"
+        if older
+        else f"no complete checkpoint left: {stage} starts over from step 0"
+    )
+    return f"{stage}: {ckpt.name} {problem}; moved it to {ckpt.parent.name}/{aside.name}, {then}"
+
+
+# Where a checkpoint's bytes are parsed: an error raised in these while a frame holds one of the
+# checkpoint's files is that file's fault (truncated, garbage), not the training's.
+_READERS = ("torch/serialization.py", "torch/_weights_only_unpickler.py", "/safetensors/", "/json/")
+
+
+def _posix(path: str) -> str:
+    return path.replace(os.sep, "/")
+
+
+def _unreadable_file(e: BaseException, ckpt: Path) -> str | None:
+    """The file and error ("<file>: <error>") when `e` was raised reading a file of `ckpt` (torch.load,
+    pickle, safetensors or json, called by the trainer while loading the checkpoint), else None.
+
+    The file is the one a frame of the traceback was reading (torch.load's `f`, safetensors'
+    `filename`, TrainerState.load_from_json's `json_path`): the error messages do not name it."""
+    if not isinstance(e, Exception):
+        return None
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    is_reader = [any(r in _posix(f.f_code.co_filename) for r in _READERS) for f in frames]
+    reader = next((i for i, yes in enumerate(is_reader) if yes), None)
+    if reader is None:
+        return None
+    # The file is held by the reader (torch.load's `f`) or by its caller (load_from_json's `json_path`).
+    roots = {os.path.join(os.path.normpath(r), "") for r in (str(ckpt), str(ckpt.resolve()))}
+    file = None
+    for frame in frames[max(reader - 1, 0) :]:
+        for value in list(frame.f_locals.values()):
+            path = value if isinstance(value, str) else os.fspath(value) if isinstance(value, Path) else None
+            if not path or len(path) > 4096:  # not a path (json.loads' text, say)
+                continue
+            path = os.path.normpath(path)
+            root = next((r for r in roots if path.startswith(r)), None)
+            if root and os.path.isfile(path):
+                file = path[len(root) :]  # the innermost frame's wins: the file being parsed
+    if file is None:
+        return None
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # torch wraps the parse error in a weights_only explanation
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{file}: {type(e).__name__}" + (f": {detail[:200]}" if detail else "")
 
 
 def is_oom(e: BaseException) -> bool:
@@ -209,6 +308,8 @@ class Training:
             CheckpointMarker(self.stage, self.ctx.fingerprint, self.ctx.cfg.training.save_total_limit),
             self.stop,
             FaultInjector(self.stage),
+            # Budget left: the whole run's deadline; a context without one (built by hand) has the stage's.
+            ConsoleProgress(self.stage, self.ctx.budget_end or self.ctx.deadline),
         ]
 
     def _check_losses(self, trainer: Any) -> None:
@@ -250,12 +351,14 @@ class Training:
 
     def _run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
         batch, accum = self._planned_start(batch, accum)
+        unloadable: set[Path] = set()  # checkpoints whose files failed to load, set aside
         while True:
             trainer = None
             self.stop.install_signal_handlers()
             try:
                 # Inside the OOM guard: a DPO trainer precomputing reference log-probs runs the model here.
                 trainer = build(batch, accum)
+                remove_library_printers(trainer)  # ConsoleProgress (in self.callbacks) prints the steps
                 self._check_losses(trainer)
                 if self.resume:
                     self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
@@ -263,7 +366,7 @@ class Training:
                 self.trainer = trainer
                 break
             except NonFiniteLoss as e:
-                ckpt = resume_point(self.stage_dir, self.ctx.fingerprint, lambda _m: None)
+                ckpt = resume_point(self.stage_dir, self.ctx.fingerprint, self.ctx.log)
                 raise GateFailed(
                     f"[{self.stage}] loss is {e.value} at step {e.step}: training stopped there. "
                     + (
@@ -274,6 +377,22 @@ class Training:
                     + "Try a lower learning_rate, max_grad_norm, bf16 instead of fp16, or check the data."
                 ) from None
             except BaseException as e:
+                bad = self.resume
+                problem = _unreadable_file(e, bad) if bad and not is_oom(e) else None
+                if bad is not None and problem is not None:
+                    # Verified, yet torch/safetensors/json cannot read a file of it (a marker without a
+                    # manifest, a file too big to hash): set it aside and resume from the one before.
+                    # Bounded: each pass moves one checkpoint away, and one that stays put is raised.
+                    if bad in unloadable:
+                        raise
+                    unloadable.add(bad)
+                    trainer = None
+                    _free_memory()
+                    older = [d for d in _complete_checkpoints(bad.parent) if _step_of(d) < _step_of(bad)]
+                    self.ctx.log(_set_aside(bad, f"could not be loaded ({problem})", older))
+                    _barrier()  # every process lists the checkpoints again after the main one moved it
+                    self._prepare()
+                    continue
                 if not is_oom(e):
                     raise
                 where = (
@@ -333,6 +452,13 @@ def _check_losses_of(trainer: Any, stage: str) -> None:
         return out
 
     trainer.compute_loss = checked
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _free_memory() -> None:

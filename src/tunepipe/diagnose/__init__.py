@@ -6,7 +6,8 @@ This package owns two things:
   interleaved ranks, chained exceptions, tracebacks whose head was cut off, tunepipe's own
   `error:` / `unexpected error:` lines and torchrun's `ChildFailedError` summary;
 * the matcher, which compares every exception found against the known issues in
-  `knowledge.yaml` and picks the most specific one.
+  `knowledge.yaml` and picks the most specific one; tunepipe's own errors that no entry knows are
+  reported as the message they carry (it says what to do) with the meaning of their exit code.
 
 The knowledge is data: a new known issue is a new YAML entry plus a fixture under
 tests/fixtures/diagnose/, never a new branch in this file. The CLI wiring lives in cli.py.
@@ -73,6 +74,7 @@ class ExceptionRecord:
     frames: list[Frame] = field(default_factory=list)
     rank: int | None = None
     order: int = 0  # index of its line in the cleaned log: earlier = happened first
+    kind: str | None = None  # the prefix of a tunepipe CLI line (`error`, `gate failed`, ...), else None
 
     def headline(self, limit: int = 300) -> str:
         first = self.message.strip().splitlines()[0] if self.message.strip() else ""
@@ -117,6 +119,18 @@ class KnowledgeEntry:
     fix: list[str]
     confidence: float = 0.9
     priority: int = 0  # breaks ties: specific entries above generic ones (e.g. NCCL timeouts, a symptom)
+    capture: list[re.Pattern[str]] = field(default_factory=list)  # only fill ${name}s, never decide
+
+    def captured(self, *texts: str) -> dict[str, str]:
+        """The named groups of the `capture:` patterns, from the first text where each matches."""
+        groups: dict[str, str] = {}
+        for p in self.capture:
+            for text in texts:
+                m = p.search(text)
+                if m:
+                    groups.update({k: v for k, v in m.groupdict().items() if v and k not in groups})
+                    break
+        return groups
 
     def match(self, text: str) -> dict[str, str] | None:
         """The named groups of the patterns that matched (empty dict), or None when it does not match."""
@@ -164,8 +178,13 @@ def _entry(raw: dict[str, Any]) -> KnowledgeEntry:
     if unknown:
         raise ValueError(f"knowledge entry {eid!r}: unknown keys {sorted(unknown)}")
     pats = raw.get("patterns")
-    # A plain list means "any of these"; a mapping can combine any / all / none.
+    # A plain list means "any of these"; a mapping can combine any / all / none (and capture, which
+    # only fills placeholders from the log when it matches).
     spec: dict[str, list[str]] = {"any": pats} if isinstance(pats, list) else dict(pats or {})
+    if set(spec) - {"any", "all", "none", "capture"}:
+        raise ValueError(
+            f"knowledge entry {eid!r}: patterns takes any, all, none and capture: {sorted(spec)}"
+        )
     if not spec.get("any") and not spec.get("all"):
         raise ValueError(f"knowledge entry {eid!r}: patterns needs an `any:` or `all:` list")
     fix = raw.get("fix") or []
@@ -181,6 +200,7 @@ def _entry(raw: dict[str, Any]) -> KnowledgeEntry:
         fix=[" ".join(str(s).split()) for s in fix],
         confidence=float(raw.get("confidence", 0.9)),
         priority=int(raw.get("priority", 0)),
+        capture=_compile(eid, spec.get("capture") or []),
     )
 
 
@@ -226,6 +246,10 @@ _STAMP = re.compile(
 _RANK = re.compile(
     r"^(?:\[\d+\]\s+)?(?:\[(?:rank|default)(\d+)\]:?|rank(\d+):|(\d{1,3}): |\[rank[a-z]\]:)\s?", re.IGNORECASE
 )
+# A tqdm bar that the next line was printed after, with no newline (`75%|███  | 6/8 [00:00]gate failed: ...`).
+_PROGRESS = re.compile(r"^[^|\n]{0,80}?\d{1,3}%\|[^|]*\|[^\[\n]*\[[^\]\n]*\]\s*(?=\S)")
+# A new record in a log (`21:13:42 [sft] running`, `[sft] step 5/8`): it ends the message before it.
+_LOG_RECORD = re.compile(r"^(?:\d\d:\d\d:\d\d\s|\[[a-z]+\]\s)")
 # glog warnings/infos from c10d and torchrun (`[W1206 18:44:12.7 ...]`, `W0000 00:00:...`): never errors.
 _NOISE = re.compile(r"^\s*(?:\[[WI]\d{4} \d\d:\d\d|\[[WI] |[WI]\d{4} \d\d:\d\d:\d\d)")
 
@@ -245,9 +269,17 @@ _EXC_LOOSE = re.compile(
     r"^(?P<type>(?:[A-Za-z_]\w*\.)*[A-Z_]\w*(?:Error|Exception|Exit|Interrupt|Fault|Warning))"
     r":(?:\s+(?P<msg>.*)|\s*$)"
 )
+# tunepipe's own exceptions need no Error suffix to count (GateFailed, StageStopped, OutOfMemory).
+_EXC_OWN = re.compile(r"^(?P<type>(?:tunepipe\.(?:\w+\.)*)?[A-Z]\w*):(?:\s+(?P<msg>.*)|\s*$)")
 # tunepipe's own messages (cli.py): exit 2, 3, 75 and the one-line summary of an unexpected error.
 _TUNEPIPE = re.compile(r"^(?P<kind>error|gate failed|stopped|unexpected error): (?P<msg>.+)$")
 _TUNEPIPE_AT = re.compile(r"^\s+at (?P<file>.+?):(?P<line>\d+) in (?P<func>\S+)\s*$")
+_TUNEPIPE_HINT = re.compile(r"^\s+the full traceback is in ")
+_TUNEPIPE_TYPES = {
+    "error": "tunepipe.Error",
+    "gate failed": "tunepipe.GateFailed",
+    "stopped": "tunepipe.StageStopped",
+}
 _ROOT_CAUSE = re.compile(
     r"Root Cause \(first observed failure\):\s*\n\s*\[\d+\]:\s*\n(?:[^\n]*\n){0,6}?\s*rank\s*:\s*(\d+)"
 )
@@ -271,6 +303,7 @@ def _clean(text: str) -> list[tuple[int | None, str]]:
             line = _STAMP.sub("", line[m.end() :], count=1)
         # Pasted into GitHub/Slack, lines often keep a stray backtick from inline code.
         line = line.strip("`") if line.startswith("`") else line
+        line = _PROGRESS.sub("", line, count=1)
         out.append((rank, line.rstrip()))
     return out
 
@@ -365,30 +398,34 @@ def _parse_stream(stream: Sequence[tuple[int, str]], rank: int | None) -> list[C
         m = _TUNEPIPE.match(line)
         if m:
             kind = m["kind"]
-            typ, msg = {"error": "tunepipe.Error", "gate failed": "tunepipe.GateFailed"}.get(kind), m["msg"]
-            if kind == "stopped":
-                typ = "tunepipe.StageStopped"
-            elif kind == "unexpected error":
+            typ, msg = _TUNEPIPE_TYPES.get(kind, "tunepipe.Error"), m["msg"]
+            if kind == "unexpected error":
                 inner = _EXC.match(msg)
                 typ, msg = (inner["type"], inner["msg"] or "") if inner else ("Exception", msg)
-            e = ExceptionRecord(typ or "tunepipe.Error", msg, [], rank, order)
-            if i < len(stream):
-                at = _TUNEPIPE_AT.match(stream[i][1])
-                if at:
-                    e.frames.append(Frame(at["file"], int(at["line"]), at["func"], None))
-                    i += 1
-            add(e)
-            exc = None
+            # Its wrapped lines continue the message below; `  at FILE:LINE in FUNC` gives its frame.
+            add(ExceptionRecord(typ, msg, [], rank, order, kind))
             continue
-        m = _EXC_LOOSE.match(line)
-        if m:
+        m = _EXC_LOOSE.match(line) or _EXC_OWN.match(line)
+        if m and (m.re is _EXC_LOOSE or _is_own_type(m["type"])):
             add(ExceptionRecord(m["type"], m["msg"] or "", [], rank, order))
             continue
         if exc is not None:
-            # Multi-line messages (the torch.load weights_only one, DeepSpeed's config tables).
-            if not line.strip() or len(exc.message) > 4000:
+            at = _TUNEPIPE_AT.match(line) if exc.kind else None
+            if at:
+                exc.frames.append(Frame(at["file"], int(at["line"]), at["func"], None))
+                exc = None
+            elif exc.kind and _TUNEPIPE_HINT.match(line):
+                exc = None
+            elif not line.strip():
+                # A blank line ends the message, unless it stops on a colon (torch's weights_only
+                # message: "WeightsUnpickler error: ", a blank line, then "Unsupported operand 94").
+                if not exc.message.rstrip().endswith(":"):
+                    exc = None
+            elif len(exc.message) > 4000 or _LOG_RECORD.match(line):
                 exc = None
             else:
+                # Multi-line messages (the torch.load weights_only one, DeepSpeed's config tables,
+                # tunepipe's lines wrapped by the terminal).
                 exc.message = f"{exc.message}\n{line.strip()}" if exc.message else line.strip()
     if in_tb and frames:  # a traceback whose exception line was cut off
         add(ExceptionRecord("<no exception line>", "", frames, rank, stream[-1][0]))
@@ -509,6 +546,10 @@ def diagnose_text(text: str, knowledge: Sequence[KnowledgeEntry] | None = None) 
                     matches.append(_Match(entry, groups, exc, chain, pos, True))
     primary, primary_chain = _primary(parsed)
     if not matches:
+        own = _own_error(primary, primary_chain)
+        if own is not None:
+            return own
+    if not matches:
         # No exception line names a known issue: look at the whole log (glog NCCL lines, exit -9, pip output).
         signal = _signal_text(parsed.text)
         for entry in kb:
@@ -551,15 +592,147 @@ def diagnose_text(text: str, knowledge: Sequence[KnowledgeEntry] | None = None) 
     # A whole-log match is weaker evidence, more so when the log has an exception nothing matched.
     unmatched_exception = primary is not None and primary.type != "<no exception line>"
     confidence = best.entry.confidence * (1.0 if best.on_exception else (0.6 if unmatched_exception else 0.8))
-    groups = dict(best.groups)
+    groups = {**best.entry.captured(exc.context() if exc else "", _signal_text(parsed.text)), **best.groups}
+    fix = _render_steps(best.entry.fix, groups)
+    if exc is not None and _is_own(exc):
+        # tunepipe's own message says what to do in this case: that first, the entry's general steps after.
+        fix = [step for step in _instructions(exc.message) if step not in fix] + fix
     return Diagnosis(
         id=best.entry.id,
         title=_render(best.entry.title, groups),
         where=_where(exc, chain),
         cause=_render(best.entry.cause, groups),
-        fix=_render_steps(best.entry.fix, groups),
+        fix=fix,
         confidence=round(min(max(confidence, 0.0), 1.0), 2),
         rank=exc.rank if exc else None,
+    )
+
+
+# --------------------------------------------------------------------------- tunepipe's own errors
+
+# Exit codes (cli.py): a CLI line's prefix says which; in a log's traceback the exception class does.
+_KIND_EXIT = {"error": 2, "gate failed": 3, "stopped": 75, "unexpected error": 1}
+_CLASS_EXIT = {
+    "ConfigError": 2,
+    "DataError": 2,
+    "TemplateError": 2,
+    "EmbeddedModelMissing": 2,
+    "GateFailed": 3,
+    "StageStopped": 75,
+}
+_EXIT = {
+    1: (
+        "unexpected error",
+        "Exit code 1 means an error tunepipe did not expect: the full traceback is in "
+        "`<output_dir>/logs/<stage>.log`, and `tunepipe diagnose <output_dir>/logs/<stage>.log` reads it.",
+    ),
+    2: (
+        "bad config or data",
+        "Exit code 2 means bad config or data: fix what the message names and run the same command "
+        "again (`tunepipe doctor tunepipe.yaml` checks the config without running anything).",
+    ),
+    3: (
+        "a stage gate failed",
+        "Exit code 3 means a stage gate failed: the stage ran, but its result did not pass the check "
+        "the message names; fix that, then run `tunepipe run tunepipe.yaml` again.",
+    ),
+    75: (
+        "stopped with a checkpoint saved",
+        "Exit code 75 means tunepipe stopped early with a complete checkpoint (time budget or a "
+        "signal): nothing is broken; run the same command again to resume.",
+    ),
+}
+_CLASS_DEF = re.compile(r"^class (?P<name>\w+)\((?P<bases>[^)]*)\)", re.MULTILINE)
+_EXC_BASE = re.compile(r"(?:Error|Exception|Exit|Interrupt)$")
+
+
+@functools.cache
+def _own_exception_names() -> frozenset[str]:
+    """The exception classes tunepipe defines (ConfigError, GateFailed, OutOfMemory, ...), read from its
+    source, not imported (diagnose must not load torch): the CLI prints them without their module."""
+    bases: dict[str, list[str]] = {}
+    for f in Path(__file__).resolve().parent.parent.rglob("*.py"):
+        for m in _CLASS_DEF.finditer(f.read_text(encoding="utf-8", errors="replace")):
+            bases[m["name"]] = [b.strip().rsplit(".", 1)[-1] for b in m["bases"].split(",")]
+    own: set[str] = set()
+    while True:  # subclasses of tunepipe's own exceptions count too
+        more = {
+            n for n, bs in bases.items() if n not in own and any(b in own or _EXC_BASE.search(b) for b in bs)
+        }
+        if not more:
+            return frozenset(own)
+        own |= more
+
+
+def _is_own(e: ExceptionRecord) -> bool:
+    if e.kind == "error":
+        # Other tools print `error:` lines too; pip's carry a code (`metadata-generation-failed`).
+        return not re.fullmatch(r"[\w-]+", e.message.strip())
+    return e.kind in ("gate failed", "stopped") or _is_own_type(e.type)
+
+
+def _is_own_type(name: str) -> bool:
+    return name.startswith("tunepipe.") or ("." not in name and name in _own_exception_names())
+
+
+# An instruction in a message: a clause that starts with what to do (`run ...`, `set ...`, `On CPU use ...`).
+_DO = re.compile(
+    r"(?:(?:or|then|and|else|otherwise|instead)\s+)?(?:(?:on|for|with|in|under)\s+[\w.-]+\s+)?"
+    r"(?:run|rerun|set|use|fix|map|raise|lower|try|check|delete|remove|install|pass|choose|pick|add|rename"
+    r"|point|see|read|convert|save|write|create|give|reduce|increase|unset|export|move|call|start|resume"
+    r"|make|put|keep|drop|shorten|split|replace|upgrade|free|wait|look|enable|disable|switch|turn|options:)"
+    r"(?=[\s`:])",
+    re.IGNORECASE,
+)
+_CLAUSE_START = re.compile(r":\s+|;\s+|,\s+|\(\s*|\s(?=or\s|then\s)")
+
+
+def _instructions(message: str) -> list[str]:
+    """The parts of a tunepipe message that say what to do: its messages name the fix after the problem."""
+    # A line that starts with a capital begins a sentence (rows-rejected's closing "Fix the rows ...");
+    # other line breaks are the terminal's wrapping, or a list that belongs to the line before.
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n(?=[A-Z`])", message)]
+    out: list[str] = []
+    m = re.search(r"did you mean [^?]+\?", " ".join(paragraphs), re.IGNORECASE)
+    if m:
+        out.append(m.group(0)[0].upper() + m.group(0)[1:])
+    sentences = [
+        x for p in paragraphs for x in re.split(r"(?<!e\.g\.)(?<!i\.e\.)(?<=[.!?])\s+(?=[A-Z`(])|;\s+", p)
+    ]
+    for sentence in sentences:
+        starts = [0] + [c.end() for c in _CLAUSE_START.finditer(sentence)]
+        start = next((i for i in starts if _DO.match(sentence, i)), None)
+        if start is None:
+            continue
+        step = sentence[start:].strip(" ,;")
+        if sentence[:start].rstrip().endswith("("):  # inside parentheses: up to the closing one
+            step = step.split(")", 1)[0]
+        while step.endswith(")") and step.count(")") > step.count("("):
+            step = step[:-1]
+        if step and step not in out:
+            out.append(step[0].upper() + step[1:])
+    return out[:4]
+
+
+def _own_error(exc: ExceptionRecord | None, chain: Chain | None) -> Diagnosis | None:
+    """tunepipe's own error, which no knowledge entry matched: its message is the cause and holds the fix."""
+    candidates = list(reversed(chain.exceptions)) if chain else ([exc] if exc else [])
+    own = next((e for e in candidates if _is_own(e)), None)
+    if own is None:
+        return None
+    cls = own.type.rsplit(".", 1)[-1]
+    code = _KIND_EXIT.get(own.kind or "", _CLASS_EXIT.get(cls, 1))
+    label, meaning = _EXIT[code]
+    message = " ".join(own.message.split())
+    steps = _instructions(own.message) or ["Do what the message names: the file, key or value to change."]
+    return Diagnosis(
+        id="tunepipe-message",
+        title=f"tunepipe's own error: {label} (exit {code})",
+        where=_where(own, chain),
+        cause=message or own.type,
+        fix=[*steps, meaning],
+        confidence=0.9,
+        rank=own.rank,
     )
 
 
