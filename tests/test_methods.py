@@ -68,4 +68,5 @@ def test_qlora_on_a_cpu_only_machine_is_a_clear_bad_config(tmp_path: Path, tiny_
     cfg = write_config(tmp_path, tiny_qwen3)
     r = _run(cfg, "model.load_in_4bit=true", "sft.method=qlora", "dpo.method=qlora")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "needs bitsandbytes and a CUDA GPU" in r.stderr and "load_in_4bit: false" in r.stderr
+    # Without bitsandbytes the preflight says so; with it (and no GPU) model loading does.
+    assert "bitsandbytes" in r.stderr and "load_in_4bit: false" in r.stderr

@@ -6,7 +6,6 @@ Exit codes: 0 done · 1 unexpected error · 2 bad config or data · 3 a stage ga
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -64,10 +63,6 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, TemplateError, EmbeddedModelMissing, PreflightFailed, RunFolderBusy
 
 
-# A write that failed for lack of room or rights: the user's to fix (exit 2), not a crash.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 def _write_error_message(e: OSError) -> str:
     where = e.filename or "the run folder"
     return (
@@ -103,7 +98,9 @@ def _run(config: Path, overrides: list[str] | None, **kw: object) -> None:
         err_console.print("interrupted", markup=False)
         raise typer.Exit(130) from None
     except OSError as e:
-        if e.errno not in _WRITE_ERRNOS:
+        from .runfolder import is_write_error
+
+        if not is_write_error(e):
             _unexpected(e)
         err_console.print(f"error: {_write_error_message(e)}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -284,8 +284,9 @@ def remove_library_printers(trainer: Any) -> None:
     ConsoleProgress shows the steps instead."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    for cls in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cls)
+    remove = getattr(trainer, "remove_callback", None)  # a trainer-like object without callbacks: none
+    for cls in (PrinterCallback, ProgressCallback) if remove else ():
+        remove(cls)
 
 
 # ---------------------------------------------------------------------- library output
@@ -411,6 +412,46 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)  # sys.stderr at call time: above a live progress bar
 
 
+def _quiet_library_bars() -> Callable[[], None]:
+    """The libraries' own progress bars (loading weights, dataset maps, downloads) off while a stage
+    runs: the stage's console is its step lines (and eval's bar). Returns the function that puts
+    each back as it was."""
+    undo: list[Callable[[], None]] = []
+    for module, is_on, off, on in (
+        (
+            "transformers.utils.logging",
+            "is_progress_bar_enabled",
+            "disable_progress_bar",
+            "enable_progress_bar",
+        ),
+        ("datasets", "is_progress_bar_enabled", "disable_progress_bars", "enable_progress_bars"),
+        (
+            "huggingface_hub.utils",
+            "are_progress_bars_disabled",
+            "disable_progress_bars",
+            "enable_progress_bars",
+        ),
+    ):
+        if module not in sys.modules:  # not imported yet: importing it here would configure its logging
+            continue
+        try:
+            mod = sys.modules[module]
+            enabled = getattr(mod, is_on)()
+            if is_on.startswith("are_"):
+                enabled = not enabled
+        except (ImportError, AttributeError):
+            continue
+        if enabled:
+            getattr(mod, off)()
+            undo.append(getattr(mod, on))
+
+    def restore() -> None:
+        for fn in undo:
+            fn()
+
+    return restore
+
+
 @contextlib.contextmanager
 def capture_library_output(
     log_file: TextIO | None, verbose: bool = False, echo: Callable[[str], None] | None = None
@@ -427,7 +468,8 @@ def capture_library_output(
     handler = _SinkHandler(sink)
     saved_showwarning = warnings.showwarning
     saved_level = _trainer_log.level
-    undo = [_capture_logger(logger, handler, root) for logger, root in _library_loggers()]
+    undo = [] if verbose else [_quiet_library_bars()]
+    undo += [_capture_logger(logger, handler, root) for logger, root in _library_loggers()]
     _trainer_log.setLevel(logging.INFO)
     warnings.showwarning = sink.showwarning
     try:

@@ -29,7 +29,7 @@ from .data.sources import Input, SourceError, expand
 from .dist import is_main, rank
 from .preflight import require
 from .redaction import redact_text
-from .runfolder import run_lock, write_atomic
+from .runfolder import is_write_error, run_lock, write_atomic
 from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
 
 MODEL_KEYS = [
@@ -529,14 +529,18 @@ def _run_stage(ctx: StageContext, name: str, state: State, log: StageLog) -> str
             seconds=seconds(),
             error=redact_text(f"{type(e).__name__}: {e}")[:2000],
         )
-        if isinstance(e, OSError) and not e.filename:
-            e.filename = str(stage_dir)  # a failed write names no file: at least the stage's folder
+        if is_write_error(e) and not e.filename:  # type: ignore[attr-defined]
+            e.filename = str(stage_dir)  # type: ignore[attr-defined]  # at least the stage's folder
         tb = traceback.format_exc()
         if log.file:
             log.file.write(redact_text(tb))
             with contextlib.suppress(AttributeError, TypeError):
                 e.tunepipe_log = str(log.path)  # type: ignore[attr-defined]  # the CLI names it
-        if not isinstance(e, KeyboardInterrupt | GateFailed | OSError) and not _is_bad_input(e):
+        if (
+            not isinstance(e, KeyboardInterrupt | GateFailed)
+            and not is_write_error(e)
+            and not _is_bad_input(e)
+        ):
             _write_diagnosis(run_dir / "logs", name, tb, log)
         log.close()
         raise

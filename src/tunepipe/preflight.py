@@ -77,7 +77,14 @@ def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str
             (m, f"stage {training[0]}", "pip install -e .") for m in ("torch", "trl", "peft", "accelerate")
         ]
         if cfg.model.load_in_4bit:
-            need.append(("bitsandbytes", "model.load_in_4bit", "pip install bitsandbytes"))
+            need.append(
+                (
+                    "bitsandbytes",
+                    "model.load_in_4bit (QLoRA)",
+                    "pip install bitsandbytes; or model.load_in_4bit: false with method: lora "
+                    "(same adapters, more memory)",
+                )
+            )
         if cfg.hardware.deepspeed:
             need.append(("deepspeed", "hardware.deepspeed", "pip install -e '.[deepspeed]'"))
         if cfg.model.attn_implementation == "flash_attention_2":

@@ -4,6 +4,7 @@ that are either whole or absent (atomic writes that clean up after themselves)."
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -17,6 +18,12 @@ from typing import IO, Any
 from .redaction import redact_text
 
 LOCK_NAME = ".tunepipe.lock"
+# A write that failed for lack of room or rights: the user's to fix (exit 2), not a crash.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in WRITE_ERRNOS
 
 
 class RunFolderBusy(Exception):
