@@ -54,7 +54,13 @@ def parse_duration(text: str) -> float:
 class HardwareConfig(Section):
     gpus: int = Field(0, ge=0, description="GPUs per node the run is planned for (0 = CPU)")
     gpu_memory_gb: float | None = Field(None, gt=0)
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="machines the run spans; each runs the same command (--node-rank)")
+    # Processes per node: None = one per visible GPU (1 on a CPU-only machine); N on CPU = N processes
+    # over gloo. `tunepipe run` launches them itself (torch's elastic launcher).
+    processes: int | None = Field(None, ge=1, description="processes per node (default: one per GPU)")
+    # How the model is spread over the processes: ddp = a whole copy on each; fsdp = FSDP2 (accelerate);
+    # zero2 / zero3 = DeepSpeed ZeRO stage 2 / 3.
+    sharding: Literal["ddp", "fsdp", "zero2", "zero3"] = "ddp"
     deepspeed: str | None = None  # the DeepSpeed JSON you launch with (checked against the model settings)
     time_limit: str | None = None  # e.g. "24h": the whole pipeline, per `tunepipe run`
     # How the time left is shared out among the stages still to run (normalised over those).
@@ -387,6 +393,7 @@ class Config(Section):
     # Where relative paths are anchored; set by load_config, not part of the YAML.
     _base_dir: Path = Path(".")
     _source: str = "<defaults>"
+    _overrides: list[str] = []  # the command line's KEY=VALUE items: launched processes load the same config
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -426,6 +433,10 @@ class Config(Section):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def overrides(self) -> list[str]:
+        return list(self._overrides)
 
 
 # --------------------------------------------------------------------------- loading
@@ -536,6 +547,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(_format_errors(e, source, overrides)) from None
     cfg._base_dir = base
     cfg._source = source
+    cfg._overrides = overrides
     _check_deepspeed(cfg)
     return cfg
 

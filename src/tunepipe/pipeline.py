@@ -40,6 +40,9 @@ MODEL_KEYS = [
     "model.trust_remote_code",
 ]
 TRAIN_MODEL_KEYS = [*MODEL_KEYS, "model.attn_implementation", "model.dtype", "model.load_in_4bit"]
+# How many processes train and how the model is spread: another world size is another effective batch,
+# and a sharded checkpoint (FSDP, ZeRO) does not resume under another engine.
+TRAIN_HARDWARE_KEYS = ["hardware.processes", "hardware.nodes", "hardware.sharding"]
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,14 @@ STAGES: dict[str, StageSpec] = {
         StageSpec(
             "sft",
             "tunepipe.stages.sft",
-            [*TRAIN_MODEL_KEYS, "training", "sft", "data.max_length"],
+            [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "sft", "data.max_length"],
             ["data"],
             "sft",
         ),
         StageSpec(
             "dpo",
             "tunepipe.stages.dpo",
-            [*TRAIN_MODEL_KEYS, "training", "dpo", "data.max_length"],
+            [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "dpo", "data.max_length"],
             ["data", "sft"],
             "dpo",
         ),
