@@ -5,6 +5,7 @@ Every choice comes with the reason for it, so `doctor` and the logs can say what
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -58,6 +59,61 @@ def flash_attn_usable() -> tuple[bool, str]:
             False,
             f"flash-attn not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
         )
+
+
+# The first bitsandbytes release whose 4-bit layers run on the CPU is 0.46.0 (torch custom ops with a
+# CPU backend; 0.45 quantizes only on CUDA); transformers 5 loads 4-bit models only with 0.46.1 or newer.
+BNB_MIN_VERSION = (0, 46, 1)
+BNB_INSTALL = "pip install 'bitsandbytes>=0.46.1,<0.51'"  # the range of pyproject.toml
+
+
+# On CPUs with avx512_bf16, importing bitsandbytes (PEFT and TRL import it when it is installed) tries
+# to fetch an optional fused kernel from the hub (the `kernels` package) and logs a warning when it
+# cannot; bitsandbytes' own CPU kernel is used instead, so the warning is only noise in every stage log.
+# Set before any stage module imports TRL.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def bnb_version_problem() -> str | None:
+    """Why the installed bitsandbytes cannot load a 4-bit model at all; None when it can."""
+    from .compat import version_tuple
+
+    have = version_tuple("bitsandbytes")
+    if not have:
+        return "bitsandbytes is not installed"
+    if have < BNB_MIN_VERSION:
+        return (
+            f"bitsandbytes {'.'.join(map(str, have))} is older than 0.46.1, the first release whose 4-bit "
+            "layers run on the CPU (and the oldest transformers 5 loads)"
+        )
+    return None
+
+
+@cache
+def bnb_4bit_on_cpu() -> tuple[bool, str]:
+    """Whether bitsandbytes' NF4 layers run on this CPU, and why: installed, new enough, and one tiny
+    `Linear4bit` quantizes and runs forward and backward (a native library that did not load fails
+    here, not in the middle of a stage). The import takes a few seconds, once per process."""
+    problem = bnb_version_problem()
+    if problem:
+        return False, problem
+    from .compat import version_tuple
+
+    shown = ".".join(map(str, version_tuple("bitsandbytes")))
+    try:
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+        import torch
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer = layer.to("cpu")  # quantizes the weight
+        x = torch.ones(2, 64, requires_grad=True)
+        layer(x).sum().backward()
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+            return False, f"bitsandbytes {shown}: a 4-bit layer on the CPU gave no usable gradient"
+    except Exception as e:  # a native library that did not load, an op without a CPU kernel
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        return False, f"bitsandbytes {shown}: a 4-bit layer fails on the CPU ({type(e).__name__}: {first})"
+    return True, f"bitsandbytes {shown}: NF4 layers run on the CPU"
 
 
 def resolve_attention(requested: str) -> tuple[str, str]:
@@ -213,18 +269,49 @@ def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> d
         # Under DDP every process must own its whole model copy on its own GPU; device_map="auto"
         # would spread one copy over all GPUs and DDP then fails (or 4-bit loads on the wrong one).
         kwargs["device_map"] = {"": int(env.get("LOCAL_RANK", "0"))}
+    # On the CPU no device map: every process (several over gloo included) loads its whole model, 4-bit
+    # or not, into its own memory; transformers quantizes on the CPU when there is no GPU.
     return kwargs
+
+
+def require_4bit(cfg: Config, plan: Plan) -> None:
+    """model.load_in_4bit can load on this plan's device, or a ConfigError that names the fix. On a GPU
+    transformers checks the CUDA build itself; a missing or too old package is said here."""
+    if plan.device == "cpu":
+        ok, why = bnb_4bit_on_cpu()
+        problem = None if ok else why
+    else:
+        problem = bnb_version_problem()
+    if problem is None:
+        return
+    raise ConfigError(
+        f"{cfg.source}: model.load_in_4bit (QLoRA) cannot run on the {plan.device.upper()} here: {problem}. "
+        f"Fix: {BNB_INSTALL}; or model.load_in_4bit: false with method: lora (same adapters, more memory)"
+    )
 
 
 def load_model(cfg: Config, plan: Plan, path: str | None = None, log: Any = print) -> Any:
     from transformers import AutoModelForCausalLM
 
-    if cfg.model.load_in_4bit and plan.device != "cuda":
-        raise ConfigError(
-            f"{cfg.source}: model.load_in_4bit (QLoRA) needs bitsandbytes and a CUDA GPU, and this machine "
-            "has no GPU. On CPU use model.load_in_4bit: false with method: lora (same adapters, more memory)"
-        )
-    return AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **load_kwargs(cfg, plan))
+    if cfg.model.load_in_4bit:
+        require_4bit(cfg, plan)
+    model = AutoModelForCausalLM.from_pretrained(path or model_path(cfg, log), **load_kwargs(cfg, plan))
+    if cfg.model.load_in_4bit:
+        log(describe_4bit(model, cfg, plan))
+    return model
+
+
+def describe_4bit(model: Any, cfg: Config, plan: Plan) -> str:
+    """One line for the stage log: how many linear layers are 4-bit, with which compute and storage."""
+    from .compat import version_tuple
+
+    n = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    where = "CPU" if plan.device == "cpu" else "GPU"
+    return (
+        f"model: {n} linear layers in 4-bit NF4 (Linear4bit, bitsandbytes "
+        f"{'.'.join(map(str, version_tuple('bitsandbytes')))} on the {where}), {plan.dtype} compute, "
+        f"{cfg.model.bnb_4bit_quant_storage} storage"
+    )
 
 
 def lora_config(stage_cfg: StageTrainingConfig) -> Any:
