@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import Config, ConfigError, load_config
+from .modeling import BNB_INSTALL
 from .preflight import Check, hub_offline, preflight_checks
 
 PIPELINE_STAGES = ("data", "sft", "dpo", "eval", "report")
@@ -72,6 +73,7 @@ class Environment:
     cpu_bf16: bool
     ram_gb: float | None
     packages: dict[str, str | None] = field(default_factory=dict)
+    bnb_cpu: bool = False  # bitsandbytes' NF4 layers run on this CPU (probed with one tiny layer)
 
 
 def _pkg_version(name: str) -> str | None:
@@ -130,22 +132,43 @@ def _probe_flash_attn(cuda: bool) -> tuple[Status, str]:
     return ("ok", f"{_pkg_version('flash-attn') or '?'}: {why}") if ok else ("fail", why)
 
 
-def _probe_bitsandbytes() -> tuple[Status, str, bool]:
+def _probe_bitsandbytes() -> tuple[Status, str, bool, bool]:
+    """(status, detail, the CUDA library loads, NF4 layers run on the CPU). Only QLoRA
+    (model.load_in_4bit) needs bitsandbytes: a problem here blocks only the configs that use it."""
+    from .modeling import bnb_4bit_on_cpu, bnb_version_problem
+
     if not _installed("bitsandbytes"):
-        return "skip", "not installed (needed only for QLoRA / model.load_in_4bit)", False
+        return "warn", "not installed: QLoRA (model.load_in_4bit) cannot run", False, False
+    v = _pkg_version("bitsandbytes") or "?"
+    if bnb_version_problem():
+        old = f"{v}: older than 0.46.1 (4-bit on the CPU; the oldest transformers 5 loads): QLoRA cannot run"
+        return "warn", old, False, False
     try:
         import bitsandbytes  # type: ignore[import-not-found]  # noqa: F401
         from bitsandbytes.cextension import lib  # type: ignore[import-not-found]
     except Exception as e:
-        return "fail", f"does not import: {_first_line(e)}", False
+        return "fail", f"does not import: {_first_line(e)}", False, False
     kind = type(lib).__name__
-    if lib is None or "Mock" in kind or "ErrorHandler" in kind:
-        return "fail", "imports, but its native library did not load (see `python -m bitsandbytes`)", False
-    cuda = bool(getattr(lib, "compiled_with_cuda", False))
-    v = _pkg_version("bitsandbytes") or "?"
+    native = lib is not None and "Mock" not in kind and "ErrorHandler" not in kind
+    cuda = native and bool(getattr(lib, "compiled_with_cuda", False))
+    cpu, cpu_why = bnb_4bit_on_cpu()
     if cuda:
-        return "ok", f"{v}: native library loads (CUDA)", True
-    return "ok", f"{v}: native library loads (CPU only: 4-bit training needs the CUDA library)", False
+        return (
+            "ok",
+            f"{v}: native library loads (CUDA)" + ("; NF4 layers run on the CPU too" if cpu else ""),
+            True,
+            cpu,
+        )
+    if cpu:
+        return "ok", f"{v}: NF4 layers run on the CPU (no CUDA library here)", False, True
+    if not native:
+        return (
+            "fail",
+            f"{v}: imports, but its native library did not load (python -m bitsandbytes)",
+            False,
+            False,
+        )
+    return "fail", f"{v}: {cpu_why.removeprefix(f'bitsandbytes {v}: ')}", False, False
 
 
 def _probe_deepspeed() -> tuple[Status, str]:
@@ -202,7 +225,7 @@ def probe_environment() -> Environment:
     except ImportError:
         pass
     driver, driver_cuda, smi_gpus = _nvidia_smi()
-    bnb_status, bnb_detail, bnb_cuda = _probe_bitsandbytes()
+    bnb_status, bnb_detail, bnb_cuda, bnb_cpu = _probe_bitsandbytes()
     return Environment(
         torch_version=torch_version,
         torch_cuda=torch_cuda,
@@ -215,6 +238,7 @@ def probe_environment() -> Environment:
         flash_attn=_probe_flash_attn(cuda),
         bitsandbytes=(bnb_status, bnb_detail),
         bnb_cuda=bnb_cuda,
+        bnb_cpu=bnb_cpu,
         deepspeed=_probe_deepspeed(),
         cpu_bf16=cpu_supports_bf16(),
         ram_gb=_ram_gb(),
@@ -343,7 +367,7 @@ def _gpu_check(env: Environment) -> Check:
             "gpu",
             "warn",
             "no CUDA GPU on this machine: training here runs on the CPU (fine for small models and "
-            "smoke runs; 4-bit QLoRA and flash-attn need a GPU)",
+            "smoke runs; QLoRA's 4-bit layers run on the CPU too, flash-attn needs a GPU)",
             "for GPU training run on a machine with an NVIDIA GPU, its driver and a CUDA build of torch",
         )
     counts: dict[str, int] = {}
@@ -420,9 +444,10 @@ def _checks_of(env: Environment, output_dir: Path) -> list[Check]:
         _status_check(
             "bitsandbytes",
             env.bitsandbytes,
-            "pip install -U bitsandbytes (a build matching this torch/CUDA)"
+            f"{BNB_INSTALL.replace('install', 'install -U --force-reinstall', 1)} (a wheel for this "
+            "platform; `make install` pins it)"
             if env.bitsandbytes[0] == "fail"
-            else "pip install bitsandbytes (or pip install -e '.[gpu]')",
+            else f"{BNB_INSTALL} (a tunepipe requirement; `make install` pins it)",
         ),
         _status_check(
             "deepspeed",
@@ -526,6 +551,11 @@ def _quantization(cfg: Config, dtype: str) -> str:
 def _device_map(cfg: Config) -> dict[str, str]:
     procs = _processes(cfg)
     if cfg.hardware.gpus == 0:
+        if cfg.model.load_in_4bit:
+            return {
+                "value": "none (cpu)",
+                "reason": "CPU target: each process quantizes and holds its whole 4-bit model in RAM",
+            }
         return {"value": "none (cpu)", "reason": "CPU target"}
     if cfg.model.load_in_4bit or procs > 1:
         why = (
@@ -684,47 +714,29 @@ def _warning(name: str, detail: str, fix: str) -> Check:
     return Check(name, "warn", detail, fix)
 
 
-CPU_LORA = "model.load_in_4bit=false sft.method=lora dpo.method=lora"
-
-
 def _rule_4bit(cfg: Config, env: Environment) -> list[Check]:
-    if not cfg.model.load_in_4bit:
+    """QLoRA on this machine's GPUs needs bitsandbytes with its CUDA library. Without a GPU here the
+    4-bit layers run on the CPU: the preflight's `qlora on CPU` check probes that (for `run` too)."""
+    if not cfg.model.load_in_4bit or not env.cuda_available:
         return []
-    out = []
-    if cfg.hardware.gpus == 0:
-        out.append(
-            _blocker(
-                "qlora on CPU",
-                "model.load_in_4bit (QLoRA) needs a CUDA GPU and hardware.gpus is 0",
-                f"on CPU use LoRA on full-precision weights: {CPU_LORA}",
-            )
-        )
-    elif not env.cuda_available:
-        out.append(
-            _blocker(
-                "qlora here",
-                "model.load_in_4bit (QLoRA) needs bitsandbytes and a CUDA GPU, and this machine has no GPU "
-                f"(the plan is for the target: {cfg.hardware.gpus} GPU(s) per node)",
-                f"run on the target machine; to try the config on this CPU: {CPU_LORA}",
-            )
-        )
     if env.bitsandbytes[0] != "ok":
-        out.append(
+        return [
             _blocker(
                 "qlora without bitsandbytes",
                 f"model.load_in_4bit needs bitsandbytes: {env.bitsandbytes[1].split(' (')[0]}",
-                "pip install -U bitsandbytes (or pip install -e '.[gpu]')",
+                BNB_INSTALL,
             )
-        )
-    elif env.cuda_available and not env.bnb_cuda:
-        out.append(
+        ]
+    if not env.bnb_cuda:
+        return [
             _blocker(
                 "qlora without bitsandbytes",
                 "bitsandbytes loads without CUDA support: 4-bit layers cannot run on the GPU",
-                "pip install -U bitsandbytes (a build for this CUDA)",
+                f"{BNB_INSTALL.replace('install', 'install -U --force-reinstall', 1)} (a wheel with "
+                "the CUDA library)",
             )
-        )
-    return out
+        ]
+    return []
 
 
 def _rule_flash_attention(cfg: Config, env: Environment) -> list[Check]:
@@ -937,7 +949,7 @@ def _memory_fix(cfg: Config, stage: str, mem: dict[str, Any]) -> str:
     options = []
     if s.method in ("full", "freeze"):
         options.append(f"{stage}.method=lora")
-    elif s.method == "lora" and cfg.hardware.gpus > 0:
+    elif s.method == "lora":
         options.append("qlora (model.load_in_4bit=true and method qlora)")
     if not _checkpointing(cfg, stage)["enabled"]:
         options.append(f"{stage}.gradient_checkpointing=true")

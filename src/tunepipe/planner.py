@@ -14,8 +14,10 @@ Memory per device (`estimate_memory`), in bytes; every term is one row of `Memor
     weights      16-bit: 2 B/param, fp32: 4 B/param. 4-bit (QLoRA, bitsandbytes NF4 with double
                  quantization): the decoder's linear layers at 0.5 B/param + quantization constants
                  (8-bit absmax per 64 weights, fp32 per 256 absmax: 1/64 + 1/4096 B/param); embeddings,
-                 lm_head and norms stay 16-bit. On CPU with bf16 autocast, the bf16 copies autocast makes
-                 of every linear weight are saved for the backward pass: + 2 B per linear parameter.
+                 lm_head and norms stay in the weights dtype (16-bit on GPU, fp32 on CPU, where
+                 bitsandbytes >= 0.46 runs the same NF4 layers). On CPU with bf16 autocast, the bf16
+                 copies autocast makes of every linear weight are saved for the backward pass: + 2 B per
+                 linear parameter (4-bit layers dequantize in their own op: only the lm_head's copy).
     trainable    lora/qlora: r*(in+out) per adapted module (all-linear = q, k, v, o, gate, up, down in
                  every layer), stored in fp32 (PEFT upcasts adapters; bf16 under ZeRO-3 without 4-bit).
                  full: every parameter (already counted in weights). freeze: the last N layers + final norm.
@@ -523,7 +525,7 @@ def _logits_bytes(shape: ModelShape, st: Setup, tokens: int) -> tuple[int, str]:
 def _weights_bytes(shape: ModelShape, setup: Setup, four_bit: bool) -> int:
     if four_bit:
         linear = shape.num_layers * shape.linear_params_per_layer
-        return int(linear * NF4_BYTES_PER_PARAM + (shape.n_params - linear) * 2)
+        return int(linear * NF4_BYTES_PER_PARAM + (shape.n_params - linear) * setup.weights_bytes_per_param)
     return int(shape.n_params * setup.weights_bytes_per_param)
 
 
@@ -559,7 +561,7 @@ def estimate_memory(
     shape = shape or ModelShape.from_config(cfg)
     st = _setup(cfg, stage, device, batch, checkpointing)
     method = s.method
-    four_bit = cfg.model.load_in_4bit and st.device == "cuda"
+    four_bit = cfg.model.load_in_4bit  # NF4 on the GPU and, with bitsandbytes >= 0.46, on the CPU
     lora = method in ("lora", "qlora")
     notes: dict[str, str] = {}
     world = st.world_size
@@ -567,11 +569,14 @@ def estimate_memory(
     # weights
     weights = _weights_bytes(shape, st, four_bit)
     if four_bit:
-        notes["weights"] = "NF4 4-bit linear layers + 16-bit embeddings/norms"
+        rest = int(st.weights_bytes_per_param * 8)
+        notes["weights"] = f"NF4 4-bit linear layers + {rest}-bit embeddings/norms"
     else:
         notes["weights"] = f"{int(st.weights_bytes_per_param * 8)}-bit, {shape.n_params / 1e9:.2f}B params"
     if st.autocast:
-        linear = shape.num_layers * shape.linear_params_per_layer + shape.vocab_size * shape.hidden_size
+        # bitsandbytes' 4-bit matmul dequantizes inside its own op and saves no bf16 copy
+        linear = 0 if four_bit else shape.num_layers * shape.linear_params_per_layer
+        linear += shape.vocab_size * shape.hidden_size
         weights += 2 * linear
         notes["weights"] += " + bf16 autocast copies of linear weights"
 

@@ -1,8 +1,9 @@
 """Preflight: what must hold before a stage starts, checked in seconds without loading weights.
 
 `run`, `train`, `eval` (every pipeline command) call `require()` before the first stage; `doctor`
-shows the same checks. They cover the packages each stage to run needs, the data files (present,
-readable), the model (present, or in the hub cache when offline), and the run folder: writable, not
+shows the same checks. They cover the packages each stage to run needs (and, for QLoRA on a machine
+without a GPU, that bitsandbytes' 4-bit layers run on its CPU), the data files (present, readable),
+the model (present, or in the hub cache when offline), and the run folder: writable, not
 overlapping any input (the run folder's data/ holds prepared splits: a source file there would be
 overwritten), with free disk for the planned checkpoints.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import PREPARED_SETS, Config
+from .modeling import BNB_INSTALL
 
 Status = Literal["ok", "warn", "fail", "skip"]
 GB = 1024**3
@@ -77,14 +79,7 @@ def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str
             (m, f"stage {training[0]}", "pip install -e .") for m in ("torch", "trl", "peft", "accelerate")
         ]
         if cfg.model.load_in_4bit:
-            need.append(
-                (
-                    "bitsandbytes",
-                    "model.load_in_4bit (QLoRA)",
-                    "pip install bitsandbytes; or model.load_in_4bit: false with method: lora "
-                    "(same adapters, more memory)",
-                )
-            )
+            need.append(("bitsandbytes", "model.load_in_4bit (QLoRA)", QLORA_FIX))
         if cfg.hardware.deepspeed:
             need.append(("deepspeed", "hardware.deepspeed", "pip install -e '.[deepspeed]'"))
         if cfg.model.attn_implementation == "flash_attention_2":
@@ -106,12 +101,38 @@ def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str
     return need
 
 
+# The fix for QLoRA without a usable bitsandbytes (transformers 5 needs 0.46.1+, which also runs on CPU).
+QLORA_FIX = f"{BNB_INSTALL}; or model.load_in_4bit: false with method: lora (same adapters, more memory)"
+
+
 def package_checks(cfg: Config, stages: list[str]) -> list[Check]:
     out = []
     for module, why, fix in _needed_packages(cfg, stages):
         if not _installed(module):
             out.append(_blocker(f"package {module}", f"{why} needs {module}, which is not installed", fix))
     return out
+
+
+def qlora_cpu_check(cfg: Config, stages: list[str]) -> Check | None:
+    """QLoRA on a machine without a CUDA GPU: the 4-bit layers run on its CPU, which bitsandbytes does
+    from 0.46 on; one tiny 4-bit layer is run to be sure (a few seconds, once per process). None where
+    it does not apply: no 4-bit model, no stage that loads one, bitsandbytes missing (the package check
+    says so), or a GPU here (transformers checks bitsandbytes' CUDA build when it loads)."""
+    loads_model = any(s in (*TRAINING_STAGES, "eval") for s in stages)
+    if not (cfg.model.load_in_4bit and loads_model and _installed("bitsandbytes")):
+        return None
+    from .modeling import bnb_4bit_on_cpu, cuda_available
+
+    if cuda_available():
+        return None
+    ok, why = bnb_4bit_on_cpu()
+    if ok:
+        return Check("qlora on CPU", "ok", f"no CUDA GPU here: {why}")
+    return _blocker(
+        "qlora on CPU",
+        f"model.load_in_4bit (QLoRA) runs on this machine's CPU (no CUDA GPU here), and {why}",
+        QLORA_FIX,
+    )
 
 
 # --------------------------------------------------------------------------- model
@@ -397,6 +418,8 @@ def disk_check(cfg: Config, run_dir: Path, stages: list[str]) -> Check:
 def preflight_checks(cfg: Config, stages: list[str], run_dir: Path, *, create: bool = True) -> list[Check]:
     """Every preflight check for running `stages` into `run_dir`."""
     checks = [*package_checks(cfg, stages)]
+    if (qlora := qlora_cpu_check(cfg, stages)) is not None:
+        checks.append(qlora)
     if any(s in stages for s in ("data", *TRAINING_STAGES, "eval")):
         checks.append(model_check(cfg))
     checks += data_checks(cfg, stages)
