@@ -48,6 +48,33 @@ VerboseOpt = Annotated[
     ),
 ]
 
+NodeRankOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--node-rank",
+        help="this machine's rank with hardware.nodes > 1 (0 runs data and report; default: NODE_RANK "
+        "or SLURM_NODEID)",
+        show_default=False,
+    ),
+]
+MasterAddrOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--master-addr",
+        help="node 0's address, with hardware.nodes > 1 (default: MASTER_ADDR or the Slurm job's first node)",
+        show_default=False,
+    ),
+]
+MasterPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--master-port",
+        help="node 0's rendezvous port; tunepipe also uses the next one (default: MASTER_PORT or 29500; "
+        "a free port on one machine)",
+        show_default=False,
+    ),
+]
+
 
 def _echo(msg: str) -> None:
     console.print(msg, markup=False)
@@ -139,8 +166,18 @@ def run(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
     verbose: VerboseOpt = False,
+    node_rank: NodeRankOpt = None,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
 ) -> None:
     """Run the whole pipeline; stages already done with the same inputs are skipped.
+
+    One command on one GPU, many GPUs and many nodes: with several GPUs visible (or
+    hardware.processes: N; on CPU N processes over gloo) the training and eval stages run as process
+    groups that tunepipe launches itself (torch's elastic launcher; hardware.sharding: ddp, fsdp,
+    zero2, zero3). With hardware.nodes: N run the same command on every node with --node-rank and
+    --master-addr (or under Slurm, read from SLURM_*). Under torchrun / accelerate launch it
+    launches nothing.
 
     Before the first stage a preflight checks, in seconds, the packages each stage needs, the data
     files, the model and the run folder (writable, not overlapping any input, free disk); a problem
@@ -151,7 +188,17 @@ def run(
     if from_stage and from_stage not in ORDER:
         err_console.print(f"error: --from {from_stage!r}: choose one of {', '.join(ORDER)}")
         raise typer.Exit(EXIT_BAD_INPUT)
-    _run(config, overrides, smoke=smoke, from_stage=from_stage, force=force, verbose=verbose)
+    _run(
+        config,
+        overrides,
+        smoke=smoke,
+        from_stage=from_stage,
+        force=force,
+        verbose=verbose,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+    )
 
 
 @app.command()
@@ -199,20 +246,52 @@ def train(
     overrides: Overrides = None,
     smoke: SmokeOpt = False,
     verbose: VerboseOpt = False,
+    node_rank: NodeRankOpt = None,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
 ) -> None:
-    """Run one training stage (the data stage, and sft before dpo, must be done)."""
+    """Run one training stage (the data stage, and sft before dpo, must be done).
+
+    Launches one process per GPU (or hardware.processes) itself, like `tunepipe run`."""
     if stage not in ("sft", "dpo"):
         err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
         raise typer.Exit(EXIT_BAD_INPUT)
-    _run(config, overrides, stages=[stage], smoke=smoke, verbose=verbose)
+    _run(
+        config,
+        overrides,
+        stages=[stage],
+        smoke=smoke,
+        verbose=verbose,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+    )
 
 
 @app.command("eval")
 def eval_(
-    config: ConfigArg, overrides: Overrides = None, smoke: SmokeOpt = False, verbose: VerboseOpt = False
+    config: ConfigArg,
+    overrides: Overrides = None,
+    smoke: SmokeOpt = False,
+    verbose: VerboseOpt = False,
+    node_rank: NodeRankOpt = None,
+    master_addr: MasterAddrOpt = None,
+    master_port: MasterPortOpt = None,
 ) -> None:
-    """Evaluate the base, SFT and DPO models; writes eval/metrics.json and eval/samples/."""
-    _run(config, overrides, stages=["eval"], smoke=smoke, verbose=verbose)
+    """Evaluate the base, SFT and DPO models; writes eval/metrics.json and eval/samples/.
+
+    Each model's sets are split across the processes (one per GPU, or hardware.processes) and
+    gathered: the same metrics as one process."""
+    _run(
+        config,
+        overrides,
+        stages=["eval"],
+        smoke=smoke,
+        verbose=verbose,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+    )
 
 
 @app.command()

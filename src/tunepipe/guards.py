@@ -61,13 +61,35 @@ COMPLETE = "tunepipe-complete.json"
 
 
 def fault(kind: str, stage: str) -> int | None:
-    """Fault injection for tests: TUNEPIPE_FAULT="<kind>:<stage>:<step>" -> the step, else None."""
+    """Fault injection for tests: TUNEPIPE_FAULT="<kind>:<stage>:<step>[:<rank>]" -> the step, else
+    None. With a rank, only that process of a process group sees the fault."""
+    from .dist import rank
+
     spec = os.environ.get("TUNEPIPE_FAULT", "")
     for item in spec.split(","):
         parts = item.split(":")
-        if len(parts) == 3 and parts[0] == kind and parts[1] == stage:
+        if len(parts) in (3, 4) and parts[0] == kind and parts[1] == stage:
+            if len(parts) == 4 and int(parts[3]) != rank():
+                continue
             return int(parts[2])
     return None
+
+
+def _fired(key: str) -> bool:
+    """Whether a one-shot fault fired already: in this process, or (TUNEPIPE_FAULT_STATE names a file)
+    in any process of this test, so that a relaunched process group does not fire it again."""
+    state = os.environ.get("TUNEPIPE_FAULT_STATE")
+    if key in _FIRED:
+        return True
+    return bool(state) and Path(state).is_file() and key in Path(state).read_text().split()
+
+
+def _fire(key: str) -> None:
+    _FIRED.add(key)
+    state = os.environ.get("TUNEPIPE_FAULT_STATE")
+    if state:
+        with open(state, "a") as fh:
+            fh.write(key + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -210,9 +232,10 @@ class StopRequest(TrainerCallback):
 
     `reason` is set when a stop was requested; the stage then reports exit 75 (resume later)."""
 
-    def __init__(self, deadline: float | None = None, margin_s: float = 0.0):
+    def __init__(self, deadline: float | None = None, margin_s: float = 0.0, stop_file: Path | None = None):
         self.deadline = deadline
         self.margin_s = margin_s
+        self.stop_file = stop_file  # the launcher's stop request (it got SIGTERM/SIGINT), in a process group
         self.reason: str | None = None
         self.step_times: list[float] = []
         self._t: float | None = None
@@ -237,12 +260,20 @@ class StopRequest(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self._t is not None:
             self.step_times.append(time.time() - self._t)
+        if self.reason is None and self.stop_file is not None and self.stop_file.exists():
+            self.reason = f"{self.stop_file.read_text().strip() or 'stop requested'} to the launching process"
         if self.reason is None and self.deadline is not None and len(self.step_times) >= 2:
             # After warm-up, the measured step time says whether one more step and a save still fit.
             recent = self.step_times[-5:]
             step = sum(recent) / len(recent)
             if time.time() + 2 * step + self.margin_s > self.deadline:
                 self.reason = f"time budget: stopping at step {state.global_step} ({step:.1f} s/step)"
+        # Decided once for all processes: any rank that wants to stop stops every rank at this step
+        # (ranks stopping at different steps would wait forever in each other's collectives).
+        from .launch import agree_max
+
+        if agree_max(1 if self.reason else 0) and self.reason is None:
+            self.reason = f"another process stopped the run at step {state.global_step}"
         if self.reason is not None:
             control.should_save = True
             control.should_training_stop = True
@@ -264,8 +295,8 @@ class FaultInjector(TrainerCallback):
 
         step = fault("oom", self.stage)
         key = f"oom:{self.stage}:{step}"
-        if step is not None and state.global_step + 1 == step and key not in _FIRED:
-            _FIRED.add(key)
+        if step is not None and state.global_step + 1 == step and not _fired(key):
+            _fire(key)
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by TUNEPIPE_FAULT={key})")
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import PREPARED_SETS, Config, dump_resolved
 from .console import capture_library_output
@@ -31,6 +31,9 @@ from .preflight import require
 from .redaction import redact_text
 from .runfolder import is_write_error, run_lock, write_atomic
 from .stages import GateFailed, StageContext, StageResult, StageStopped, write_stage_json
+
+if TYPE_CHECKING:
+    from .launch import Group
 
 MODEL_KEYS = [
     "model.name_or_path",
@@ -52,6 +55,7 @@ class StageSpec:
     keys: list[str]  # dotted config keys (or whole sections) the stage reads
     upstream: list[str]
     stage_dir: str
+    launched: bool = False  # runs as a process group when the run has several processes
 
 
 STAGES: dict[str, StageSpec] = {
@@ -66,6 +70,7 @@ STAGES: dict[str, StageSpec] = {
             [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "sft", "data.max_length"],
             ["data"],
             "sft",
+            launched=True,
         ),
         StageSpec(
             "dpo",
@@ -73,6 +78,7 @@ STAGES: dict[str, StageSpec] = {
             [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "dpo", "data.max_length"],
             ["data", "sft"],
             "dpo",
+            launched=True,
         ),
         StageSpec(
             "eval",
@@ -80,6 +86,7 @@ STAGES: dict[str, StageSpec] = {
             [*TRAIN_MODEL_KEYS, "eval", "sft.enabled", "dpo.enabled"],
             ["data", "sft", "dpo"],
             "eval",
+            launched=True,
         ),
         StageSpec(
             "report",
@@ -358,8 +365,16 @@ def run_pipeline(
     force: bool = False,
     verbose: bool = False,
     echo: Callable[[str], None] = print,
+    node_rank: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
 ) -> dict[str, str]:
     """Run `stages` (default: all, skipping the up-to-date ones). Returns {stage: outcome}.
+
+    With several processes (hardware.processes, several GPUs, hardware.nodes) this process is the
+    controller: the training and eval stages run as process groups it launches (launch.Group); on
+    nodes other than 0 it follows node 0's launches. Inside an existing process group (torchrun,
+    accelerate launch) every process runs the stages itself and only the main one writes.
 
     Explicitly named stages always run; upstream stages they need must be done already. Before the
     first stage: the preflight (preflight.require: packages, data, model, the run folder) and the run
@@ -371,15 +386,22 @@ def run_pipeline(
     if from_stage:
         selected = ORDER[ORDER.index(from_stage) :]
     forced = set(stages or []) | (set(selected) if from_stage or force else set())
+    from .launch import in_process_group, maybe_group, topology
+
     if not is_main():  # under DDP the main process checks, locks and writes; the others train
         return _run_stages(cfg, run_dir, selected, forced, smoke, verbose, echo)
+    topo = None if in_process_group() else topology(cfg, node_rank, master_addr, master_port)
+    if topo is not None and topo.node_rank > 0:
+        from .launch import follow
+
+        return follow(cfg, run_dir, topo, echo)  # node 0 checks, locks, plans and writes
     # Fingerprints need no weights: the plan of what runs is known before anything starts.
     state = State(run_dir, repair=False)
     code = code_version()
     plan = _plan(cfg, run_dir, state, selected, forced, smoke, code)
     require(cfg, [name for name, (_, todo) in plan.items() if todo], run_dir)
-    with run_lock(run_dir):
-        return _run_stages(cfg, run_dir, selected, forced, smoke, verbose, echo)
+    with run_lock(run_dir), maybe_group(cfg, topo, run_dir, echo) as group:
+        return _run_stages(cfg, run_dir, selected, forced, smoke, verbose, echo, group)
 
 
 def _plan(
@@ -416,6 +438,7 @@ def _run_stages(
     smoke: bool,
     verbose: bool,
     echo: Callable[[str], None],
+    group: Group | None = None,
 ) -> dict[str, str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     state = State(run_dir)  # under the lock: an unreadable state file is set aside here, not before
@@ -444,6 +467,9 @@ def _run_stages(
             echo(f"[{name}] skipped (up to date)")
             outcome[name] = "skipped"
             continue
+        if group is not None and group.stop_reason:  # SIGTERM/SIGINT came between two stages
+            log.close()
+            raise StageStopped(f"[{name}] not started: {group.stop_reason}; run the same command again")
         if not env_written:
             write_env(run_dir)
             env_written = True
@@ -458,7 +484,8 @@ def _run_stages(
             verbose=verbose,
             budget_end=budget_end,
         )
-        outcome[name] = _run_stage(ctx, name, state, log)
+        launch = group.run if group is not None and STAGES[name].launched else None
+        outcome[name] = _run_stage(ctx, name, state, log, launch)
     log.close()
     return outcome
 
@@ -477,7 +504,14 @@ def _stage_deadline(cfg: Config, name: str, selected: list[str], budget_end: flo
     return time.time() + left * cfg.hardware.share(name, todo)
 
 
-def _run_stage(ctx: StageContext, name: str, state: State, log: StageLog) -> str:
+def _run_stage(
+    ctx: StageContext,
+    name: str,
+    state: State,
+    log: StageLog,
+    launch: Callable[[StageContext, str], StageResult] | None = None,
+) -> str:
+    """Run one stage in this process, or as a process group through `launch` (launch.Group.run)."""
     spec = STAGES[name]
     fp, run_dir = ctx.fingerprint, ctx.run_dir
     log.open(name)
@@ -516,7 +550,7 @@ def _run_stage(ctx: StageContext, name: str, state: State, log: StageLog) -> str
         # Library warnings and the trainers' raw log lines go to the stage's log (and, with
         # --verbose, to the terminal too); the console keeps one readable line per logged step.
         with capture_library_output(log.file, verbose=ctx.verbose):
-            result: StageResult = module.run(ctx)
+            result: StageResult = launch(ctx, name) if launch else module.run(ctx)
     except StageStopped as e:
         _record_failure(
             state, name, status="stopped", seconds=seconds(), error=str(e), stopped_at=time.time()
@@ -534,7 +568,8 @@ def _run_stage(ctx: StageContext, name: str, state: State, log: StageLog) -> str
         )
         if is_write_error(e) and not e.filename:  # type: ignore[attr-defined]
             e.filename = str(stage_dir)  # type: ignore[attr-defined]  # at least the stage's folder
-        tb = traceback.format_exc()
+        # A launched process's own traceback (launch.WorkerFailed), not the controller's.
+        tb = getattr(e, "worker_log", "") or traceback.format_exc()
         if log.file:
             log.file.write(redact_text(tb))
             with contextlib.suppress(AttributeError, TypeError):

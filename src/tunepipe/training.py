@@ -24,6 +24,7 @@ from .guards import (
     checkpoint_dirs,
     fault,
 )
+from .launch import agree_all
 from .modeling import Plan
 from .stages import Gate, GateFailed, StageContext, StageStopped
 
@@ -295,8 +296,8 @@ class Training:
 
     def __init__(self, ctx: StageContext, stage: str, stage_dir: Path):
         self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
-        self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S)
-        self.batch_changes: list[str] = []
+        self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S, ctx.stop_file)
+        self.batch_changes: list[str] = list(ctx.batch_changes)  # a relaunch after OOM carries them
         self._prepare()
 
     def _prepare(self) -> None:
@@ -350,7 +351,8 @@ class Training:
             return self._run(build, batch, accum)
 
     def _run(self, build: Callable[[int, int], Any], batch: int, accum: int) -> Any:
-        batch, accum = self._planned_start(batch, accum)
+        # Relaunched after an out-of-memory in a process group: the launcher says where to start.
+        batch, accum = self.ctx.micro_batch or self._planned_start(batch, accum)
         unloadable: set[Path] = set()  # checkpoints whose files failed to load, set aside
         while True:
             trainer = None
@@ -368,7 +370,13 @@ class Training:
             except NonFiniteLoss as e:
                 ckpt = resume_point(self.stage_dir, self.ctx.fingerprint, self.ctx.log)
                 raise GateFailed(
-                    f"[{self.stage}] loss is {e.value} at step {e.step}: training stopped there. "
+                    f"[{self.stage}] loss is {e.value} at step {e.step}"
+                    + (" in another process" if e.elsewhere else "")
+                    + (
+                        ": every process stopped there. "
+                        if world_size() > 1
+                        else ": training stopped there. "
+                    )
                     + (
                         f"The last complete checkpoint is {ckpt.name}. "
                         if ckpt
@@ -402,6 +410,12 @@ class Training:
                 )
                 trainer = None
                 _free_memory()
+                if batch > 1 and world_size() > 1:
+                    # The other processes wait in a collective for this one: they cannot halve in step
+                    # here. The launcher relaunches every process at half the micro-batch.
+                    from .launch import GroupOutOfMemory
+
+                    raise GroupOutOfMemory(where, batch, accum) from None
                 if batch == 1:
                     raise OutOfMemory(
                         f"[{self.stage}] out of memory {where} even with micro-batch 1. Options: "
@@ -428,9 +442,9 @@ class Training:
 
 
 class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float):
+    def __init__(self, step: int, value: float, elsewhere: bool = False):
         super().__init__(f"non-finite loss {value} at step {step}")
-        self.step, self.value = step, value
+        self.step, self.value, self.elsewhere = step, value, elsewhere
 
 
 def _check_losses_of(trainer: Any, stage: str) -> None:
@@ -447,8 +461,13 @@ def _check_losses_of(trainer: Any, stage: str) -> None:
         if fault("nan", stage) == step:  # test hook
             loss = loss * float("nan")
             out = (loss, *out[1:]) if isinstance(out, tuple) else loss
-        if not bool(torch.isfinite(loss.detach()).all()):
-            raise NonFiniteLoss(step, float(loss.detach().float().mean()))
+        finite = bool(torch.isfinite(loss.detach()).all())
+        # Every process learns of a NaN on any one: all stop at this step (one rank stopping alone
+        # would leave the others waiting in the gradient all-reduce).
+        if not agree_all(finite):
+            # Finite here, not on another process: that one's value is not known here, only that.
+            value = float(loss.detach().float().mean()) if not finite else float("nan")
+            raise NonFiniteLoss(step, value, elsewhere=finite)
         return out
 
     trainer.compute_loss = checked

@@ -49,6 +49,11 @@ class StageContext:
     deadline: float | None = None  # time.time() by which a training stage must have stopped (time budget)
     verbose: bool = False  # --verbose: library warnings and raw trainer logs on the terminal too
     budget_end: float | None = None  # time.time() by which the whole run must end (hardware.time_limit)
+    # Set by the launcher in a process group: the (micro-batch, accumulation) to start from after an
+    # out-of-memory relaunch and what changed so far; the file whose presence asks every rank to stop.
+    micro_batch: tuple[int, int] | None = None
+    batch_changes: list[str] = field(default_factory=list)
+    stop_file: Path | None = None
 
     def stage_dir(self, name: str) -> Path:
         d = self.run_dir / name

@@ -1,0 +1,256 @@
+"""`tunepipe run` launching its own process groups: 2 CPU processes over gloo stand in for 2 GPUs.
+
+The topology tests read no processes; the others launch real process groups through torch's elastic
+launcher, kill real processes and send real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+from tunepipe.config import load_config
+from tunepipe.launch import LaunchError, in_process_group, slurm_hosts, topology
+
+TUNEPIPE = [sys.executable, "-m", "tunepipe"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def _tp(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TUNEPIPE, *args], capture_output=True, text=True, env=env or _env(), timeout=timeout
+    )
+
+
+def _log(run: Path, stage: str) -> list[dict]:
+    return [json.loads(x) for x in (run / stage / "log.jsonl").read_text().splitlines() if x.strip()]
+
+
+# --------------------------------------------------------------------------- topology (no processes)
+
+
+def test_topology_from_config_env_and_slurm(tmp_path: Path) -> None:
+    cfg = load_config(None, ["hardware.processes=2"])
+    t = topology(cfg, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert (t.processes, t.nodes, t.node_rank, t.master_addr, t.world) == (2, 1, 0, "127.0.0.1", 2)
+    # No GPU and no hardware.processes: one process, nothing is launched.
+    assert topology(load_config(None), env={"CUDA_VISIBLE_DEVICES": ""}).world == 1
+
+    two = load_config(None, ["hardware.processes=4", "hardware.nodes=2"])
+    t = topology(two, env={"CUDA_VISIBLE_DEVICES": "", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5"})
+    assert (t.node_rank, t.master_addr, t.master_port, t.world) == (1, "10.0.0.5", 29500, 8)
+    # The command line wins over the variables.
+    t = topology(
+        two, 0, "head", 31000, env={"CUDA_VISIBLE_DEVICES": "", "NODE_RANK": "1", "MASTER_ADDR": "x"}
+    )
+    assert (t.node_rank, t.master_addr, t.master_port) == (0, "head", 31000)
+
+    slurm = {
+        "CUDA_VISIBLE_DEVICES": "",
+        "SLURM_JOB_ID": "77",
+        "SLURM_NNODES": "3",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-09]",
+    }
+    t = topology(load_config(None, ["hardware.processes=4"]), env=slurm)
+    assert (t.nodes, t.node_rank, t.master_addr, t.world) == (3, 2, "gpu07", 12)
+
+    with pytest.raises(LaunchError, match="--master-addr"):
+        topology(two, env={"CUDA_VISIBLE_DEVICES": ""})  # two nodes, nobody said where node 0 is
+    with pytest.raises(LaunchError, match="node rank 2 is outside hardware.nodes 2"):
+        topology(two, 2, "head", env={"CUDA_VISIBLE_DEVICES": ""})
+    with pytest.raises(LaunchError, match="WORLD_SIZE=3"):
+        topology(cfg, env={"CUDA_VISIBLE_DEVICES": "", "WORLD_SIZE": "3"})
+    with pytest.raises(LaunchError, match="SLURM_NNODES"):
+        topology(load_config(None, ["hardware.nodes=2"]), env=slurm)
+
+
+def test_slurm_nodelist_and_launched_detection() -> None:
+    assert slurm_hosts("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
+    assert slurm_hosts("node5") == ["node5"]
+    assert in_process_group({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    assert not in_process_group({"WORLD_SIZE": "2"})  # a user's variable, no launcher
+
+
+# --------------------------------------------------------------------------- real process groups
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_qwen3: Path) -> Path:
+    return write_config(tmp_path, tiny_qwen3)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_run_two_processes_every_stage_and_eval_equals_one_process(project: Path) -> None:
+    r = _tp("run", str(project), "--smoke", "hardware.processes=2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = project.parent / "runs" / "test-smoke"
+    for stage in ("sft", "dpo"):
+        out = json.loads((run / stage / "stage.json").read_text())
+        assert out["status"] == "done" and out["outputs"]["world_size"] == 2
+        assert [row["step"] for row in _log(run, stage)] == [1, 2, 3]  # one writer
+    state = json.loads((run / "pipeline.json").read_text())["stages"]
+    assert all(state[s]["status"] == "done" for s in ("data", "sft", "dpo", "eval", "report"))
+    assert "launching 2 processes" in (run / "logs" / "sft.log").read_text()
+    assert (run / "logs" / "eval.rank1.log").is_file()  # eval ran in both processes
+    two = json.loads((run / "eval" / "metrics.json").read_text())
+    samples2 = {f.name: f.read_text() for f in sorted((run / "eval" / "samples").glob("*.jsonl"))}
+
+    # The same adapters evaluated by one process: the same numbers, the same greedy generations.
+    r = _tp("eval", str(project), "--smoke")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one = json.loads((run / "eval" / "metrics.json").read_text())
+    assert one.keys() == two.keys()
+    for model, sets in one.items():
+        for name, metrics in sets.items():
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    assert two[model][name][k] == pytest.approx(v, abs=1e-5), (model, name, k)
+                else:
+                    assert two[model][name][k] == v, (model, name, k)
+    assert {f.name: f.read_text() for f in sorted((run / "eval" / "samples").glob("*.jsonl"))} == samples2
+
+    # Everything up to date: the second run launches nothing.
+    r = _tp("run", str(project), "--smoke", "hardware.processes=2")
+    assert r.returncode == 0 and r.stdout.count("skipped (up to date)") == 5, r.stdout
+
+
+def _worker_pid(stage: str, rank: int) -> int | None:
+    """The launched process of `stage` with this global rank, found by its environment."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        run_id = f"TORCHELASTIC_RUN_ID=tunepipe-{stage}-".encode()
+        if (
+            b"tunepipe.launch" in cmd
+            and f"RANK={rank}".encode() in env
+            and any(e.startswith(run_id) for e in env)
+        ):
+            return int(p.name)
+    return None
+
+
+def _wait_for_step(run: Path, stage: str, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        assert proc.poll() is None, proc.communicate()
+        log = run / stage / "log.jsonl"
+        if log.is_file() and any(r["step"] >= step for r in _log(run, stage)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{stage} never logged step {step}")
+
+
+TRAIN = ["sft.max_steps=8", "training.save_steps=2", "training.logging_steps=1", "hardware.processes=2"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_killed_rank_stops_the_group_and_the_rerun_resumes_exactly(project: Path) -> None:
+    assert _tp("data", str(project)).returncode == 0
+    slow = _env(TUNEPIPE_FAULT="slow_step:sft:300")
+    # The uninterrupted reference, in its own run folder.
+    assert _tp("data", str(project), "project.output_dir=runs/ref").returncode == 0
+    ref = _tp("train", str(project), "--stage", "sft", *TRAIN, "project.output_dir=runs/ref", env=slow)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    run = project.parent / "runs" / "test"
+    proc = subprocess.Popen(
+        [*TUNEPIPE, "train", str(project), "--stage", "sft", *TRAIN],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=slow,
+    )
+    _wait_for_step(run, "sft", 5, proc)  # checkpoint-4 is complete by then
+    pid = _worker_pid("sft", 1)
+    assert pid, "rank 1 not found"
+    killed = time.time()
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None) and time.time() - killed < 60
+    assert "rank 1" in err and "SIGKILL" in err, err[-2000:]
+
+    again = _tp("train", str(project), "--stage", "sft", *TRAIN)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from checkpoint-" in again.stdout
+    resumed, reference = _log(run, "sft"), _log(project.parent / "runs" / "ref", "sft")
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # no step logged twice
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference], abs=1e-4)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_out_of_memory_on_one_rank_halves_every_rank(project: Path, tmp_path: Path) -> None:
+    assert _tp("data", str(project)).returncode == 0
+    env = _env(TUNEPIPE_FAULT="oom:sft:2:1", TUNEPIPE_FAULT_STATE=str(tmp_path / "fired"))
+    r = _tp("train", str(project), "--stage", "sft", "sft.max_steps=4", "hardware.processes=2", env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads((project.parent / "runs" / "test" / "sft" / "stage.json").read_text())["outputs"]
+    assert out["world_size"] == 2
+    # micro-batch 2 x accumulation 1 -> 1 x 2 in both processes: the same effective batch.
+    assert (out["per_device_train_batch_size"], out["gradient_accumulation_steps"]) == (1, 2)
+    assert len(out["batch_changes"]) == 1 and "on rank 1" in out["batch_changes"][0]
+    assert [r["step"] for r in _log(project.parent / "runs" / "test", "sft")] == [1, 2, 3, 4]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_every_rank_with_one_checkpoint(project: Path) -> None:
+    assert _tp("data", str(project)).returncode == 0
+    run = project.parent / "runs" / "test"
+    args = ["sft.max_steps=8", "training.save_steps=1000", "training.logging_steps=1", "hardware.processes=2"]
+    proc = subprocess.Popen(
+        [*TUNEPIPE, "train", str(project), "--stage", "sft", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(TUNEPIPE_FAULT="slow_step:sft:400"),
+    )
+    _wait_for_step(run, "sft", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-2000:] + err[-2000:]
+    ckpts = sorted((run / "sft" / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "tunepipe-complete.json").is_file()
+    assert (ckpts[0] / "rng_state_0.pth").is_file() and (ckpts[0] / "rng_state_1.pth").is_file()
+    again = _tp("train", str(project), "--stage", "sft", *args)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming from {ckpts[0].name}" in again.stdout
+    assert [r["step"] for r in _log(run, "sft")] == list(range(1, 9))
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_nan_on_one_rank_stops_all_ranks_at_that_step(project: Path) -> None:
+    assert _tp("data", str(project)).returncode == 0
+    r = _tp(
+        "train",
+        str(project),
+        "--stage",
+        "sft",
+        "sft.max_steps=6",
+        "hardware.processes=2",
+        env=_env(TUNEPIPE_FAULT="nan:sft:3:1"),
+        timeout=300,
+    )
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "loss is nan at step 3" in r.stderr
