@@ -254,3 +254,37 @@ def test_nan_on_one_rank_stops_all_ranks_at_that_step(project: Path) -> None:
     )
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert "loss is nan at step 3" in r.stderr
+
+
+def _node(project: Path, rank: int, port: int, *extra: str) -> subprocess.Popen:
+    cmd = [*TUNEPIPE, "train", str(project), "--stage", "sft", "--smoke", "hardware.nodes=2"]
+    cmd += ["hardware.processes=1", *extra, "--node-rank", str(rank), "--master-addr", "127.0.0.1"]
+    cmd += ["--master-port", str(port)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_nodes_run_one_group_and_a_node_without_the_run_folder_is_named(project: Path) -> None:
+    """Two "nodes" on this machine (one process each): the same command on both, node 0 controls."""
+    from tunepipe.launch import free_port
+
+    assert _tp("data", str(project), "--smoke").returncode == 0
+    port = free_port()
+    leader, follower = _node(project, 0, port), _node(project, 1, port)
+    out0, err0 = leader.communicate(timeout=600)
+    out1, err1 = follower.communicate(timeout=120)
+    assert leader.returncode == 0, out0[-2000:] + err0[-2000:]
+    assert follower.returncode == 0, out1[-2000:] + err1[-2000:]
+    stage = json.loads((project.parent / "runs" / "test-smoke" / "sft" / "stage.json").read_text())
+    assert stage["outputs"]["world_size"] == 2
+    assert "node 1 of 2: following node 0" in out1
+
+    # Node 1 looks at another folder (no shared filesystem): both stop at once, naming the problem.
+    port = free_port()
+    leader = _node(project, 0, port)  # a named stage always runs again
+    follower = _node(project, 1, port, "project.output_dir=runs/elsewhere")
+    out0, err0 = leader.communicate(timeout=300)
+    out1, err1 = follower.communicate(timeout=120)
+    assert follower.returncode == 2 and "node 1 cannot see node 0's run folder" in err1, err1[-2000:]
+    assert leader.returncode == 2 and "node 1 cannot see node 0's run folder" in err0, err0[-2000:]

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -43,6 +44,7 @@ EXIT_GROUP_OOM = 76  # a worker ran out of memory: the controller relaunches wit
 DEFAULT_MASTER_PORT = 29500
 SHUTDOWN_TIMEOUT_S = 20  # the others get SIGTERM when a process dies, SIGKILL this much later
 FOLLOW_TIMEOUT_S = 48 * 3600  # how long a follower node waits for the controller's next stage
+CONNECT_TIMEOUT_S = 1800  # how long a follower node waits for node 0 to start
 
 
 class LaunchError(ConfigError):
@@ -264,11 +266,12 @@ class Group:
             self.store.set("tunepipe/token", self.token)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         if self.store is not None:
-            self.store.set(f"tunepipe/job/{self._seq}", json.dumps({"end": True}))
+            end = {"end": True, "ok": exc_type is None, "error": str(exc[0]) if exc and exc[0] else None}
+            self.store.set(f"tunepipe/job/{self._seq}", json.dumps(end))
             time.sleep(0.5)  # the followers read it before the store (ours) goes away
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -454,14 +457,16 @@ def _control_store(topo: Topology, leader: bool) -> Any:
 
     import torch.distributed as dist
 
-    return dist.TCPStore(
+    store = dist.TCPStore(
         topo.master_addr,
         topo.master_port + 1,
         world_size=None,
         is_master=leader,
-        timeout=timedelta(seconds=FOLLOW_TIMEOUT_S),
+        timeout=timedelta(seconds=CONNECT_TIMEOUT_S),  # a follower started before node 0 waits this long
         wait_for_workers=False,
     )
+    store.set_timeout(timedelta(seconds=FOLLOW_TIMEOUT_S))  # node 0 may prepare data for hours
+    return store
 
 
 def follow(cfg: Config, run_dir: Path, topo: Topology, echo: Callable[[str], None]) -> dict[str, str]:
@@ -480,16 +485,26 @@ def follow(cfg: Config, run_dir: Path, topo: Topology, echo: Callable[[str], Non
         msg = json.loads(store.get(f"tunepipe/job/{seq}").decode())
         seq += 1
         if msg.get("end"):
+            if not msg.get("ok"):
+                raise WorkerFailed(f"node 0 stopped the run: {msg.get('error') or 'see its output'}")
             return outcome
-        job_path = Path(msg["job"])
+        # This node's view of the run folder: on a shared filesystem, the file node 0 just wrote.
+        job_path = run_dir / ".launch" / msg["stage"] / "job.json"
         try:
             seen = json.loads(job_path.read_text()).get("token")
         except (OSError, ValueError):
             seen = None
+        problem = None
         if seen != token:
-            raise LaunchError(
+            problem = (
                 f"node {topo.node_rank} cannot see node 0's run folder {run_dir} (no {job_path} with this "
                 "run's token): project.output_dir must be on a filesystem every node mounts at the same path"
+            )
+            # Join the group anyway, so that every process (node 0's too) stops with this message
+            # instead of waiting for this node until the rendezvous times out.
+            job_path = Path(tempfile.mkdtemp(prefix="tunepipe-job-")) / "job.json"
+            job_path.write_text(
+                json.dumps({"stage": msg["stage"], "run_dir": str(job_path.parent), "problem": problem})
             )
         config = LaunchConfig(
             min_nodes=topo.nodes,
@@ -505,6 +520,8 @@ def follow(cfg: Config, run_dir: Path, topo: Topology, echo: Callable[[str], Non
             shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         )
         failures = _launch_in_thread(config, job_path, elastic_launch, ChildFailedError)
+        if problem:
+            raise LaunchError(problem)
         outcome[msg["stage"]] = "failed" if failures else "done"
 
 
@@ -531,12 +548,15 @@ def _visible_run_folder(job: dict[str, Any]) -> None:
     the shared filesystem) is stopped here, before any model is loaded."""
     import torch.distributed as dist
 
-    tokens: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(tokens, job.get("token"))
-    if len(set(tokens)) > 1:
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (job.get("token"), job.get("problem")))
+    if len({token for token, _ in seen}) > 1:
+        problems = [problem for _, problem in seen if problem]
         raise LaunchError(
-            f"the processes read different run folders ({job['run_dir']}): project.output_dir must be "
-            "on a filesystem every node mounts at the same path"
+            problems[0]
+            if problems
+            else f"the processes read different run folders ({job['run_dir']}): project.output_dir must "
+            "be on a filesystem every node mounts at the same path"
         )
 
 
@@ -555,9 +575,9 @@ def worker(job_path: Path) -> int:
     try:
         from .config import load_config
 
-        cfg = load_config(job["config"], job["overrides"])
         _init_process_group()
         _visible_run_folder(job)
+        cfg = load_config(job["config"], job["overrides"])
         ctx = StageContext(
             cfg=cfg,
             run_dir=run_dir,
