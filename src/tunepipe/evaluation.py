@@ -2,21 +2,69 @@
 and preference margins. Scoring generated text against references lives in `metrics`.
 
 Everything is batched; sequences are sorted by length so a batch pads little, and results come
-back in the input order.
+back in the input order. Under several processes (`shard`), each process computes its share of the
+batches and every process gets all results: the same numbers as one process (see `_map_batches`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from .data.chat import IGNORE_INDEX, tokenize_conversation
 from .data.formats import Conversation
+
+T = TypeVar("T")
+
+Shard = tuple[int, int]  # (this process's rank, number of processes)
+ONE_PROCESS: Shard = (0, 1)
 
 
 def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def shard_batches(n_batches: int, shard: Shard) -> range:
+    """The batches one process computes: r, r+N, r+2N, ... Strided rather than contiguous because
+    batches are ordered by length: every process gets short and long ones, and finishes about when
+    the others do."""
+    rank, world = shard
+    return range(rank, n_batches, world)
+
+
+def shard_size(n: int, batch_size: int, shard: Shard) -> int:
+    """How many of `n` items this process computes (its share of the batches)."""
+    return sum(min(batch_size, n - b * batch_size) for b in shard_batches(-(-n // batch_size), shard))
+
+
+def _map_batches(
+    order: list[int],
+    batch_size: int,
+    compute: Callable[[int, list[int]], list[T]],
+    shard: Shard,
+    progress: Callable[[int], None] | None,
+) -> list[T]:
+    """compute(batch number, indices) for the batches of `order` (a permutation of range(n)) that
+    fall to this process; the results of all processes, indexed like the input, in every process.
+    `progress` counts this process's items.
+
+    Every process cuts the same batches from the whole `order` and takes its share of them whole, so
+    an item meets the same batch mates, padding width and sampling seed as in one process: its result
+    does not depend on the number of processes, and neither do the metrics computed from them."""
+    batches = list(_batches(order, batch_size))
+    done: dict[int, T] = {}
+    for b in shard_batches(len(batches), shard):
+        idx = batches[b]
+        done.update(zip(idx, compute(b, idx), strict=True))
+        if progress:
+            progress(len(idx))
+    if shard[1] > 1:
+        from .dist import all_gather_objects
+
+        for part in all_gather_objects(done):
+            done.update(part)
+    return [done[i] for i in range(len(order))]
 
 
 # End-of-turn markers of common chat templates; generation stops at these as well as at EOS.
@@ -66,9 +114,11 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    shard: Shard = ONE_PROCESS,
 ) -> list[str]:
     """Completions for chat-formatted prompts, in the input order: batched with left padding, greedy
-    unless `do_sample`, each stopping at EOS or the template's end-of-turn token."""
+    unless `do_sample` (seeded per batch from `seed`, so a batch samples the same in any process),
+    each stopping at EOS or the template's end-of-turn token."""
     import torch
     from transformers import GenerationConfig
 
@@ -82,26 +132,23 @@ def generate(
         pad_token_id=pad,
         **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
     )
-    if do_sample:
-        torch.manual_seed(seed)
+
+    def complete(b: int, idx: list[int]) -> list[str]:
+        if do_sample:
+            torch.manual_seed(seed + b * 1_000_003)  # batch 0 as before; other batches their own stream
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.no_grad():
+            gen = model.generate(**enc, generation_config=gen_cfg)
+        return [tok.decode(seq, skip_special_tokens=True) for seq in gen[:, enc["input_ids"].shape[1] :]]
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths pad less
-    out: list[str] = [""] * len(prompts)
     old_side = tok.padding_side
     tok.padding_side = "left"  # every prompt ends where the new tokens begin
     try:
-        for idx in _batches(order, batch_size):
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            with torch.no_grad():
-                gen = model.generate(**enc, generation_config=gen_cfg)
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for i, seq in zip(idx, new, strict=True):
-                out[i] = tok.decode(seq, skip_special_tokens=True)
-            if progress:
-                progress(len(idx))
+        return _map_batches(order, batch_size, complete, shard, progress)
     finally:
         tok.padding_side = old_side
-    return out
 
 
 def _label_logprobs(model: Any, ids: Any, mask: Any, target: Any, keep: Any) -> Any:
@@ -128,14 +175,13 @@ def sequence_logprobs(
     pad_id: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    *,
+    shard: Shard = ONE_PROCESS,
 ) -> list[tuple[float, int]]:
     """(sum of log p over labelled tokens, number of labelled tokens) per (input_ids, labels) pair."""
     import torch
 
-    # Similar lengths batched together pad less; results go back in the input order.
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    for idx in _batches(order, batch_size):
+    def score(_b: int, idx: list[int]) -> list[tuple[float, int]]:
         batch = [seqs[i] for i in idx]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -154,11 +200,11 @@ def sequence_logprobs(
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(batch), dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked)
         counts = keep.sum(dim=1)
-        for r, i in enumerate(idx):
-            results[i] = (sums[r].item(), int(counts[r].item()))
-        if progress:
-            progress(len(batch))
-    return results
+        return [(sums[r].item(), int(counts[r].item())) for r in range(len(idx))]
+
+    # Similar lengths batched together pad less; results go back in the input order.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    return _map_batches(order, batch_size, score, shard, progress)
 
 
 def assistant_loss(
@@ -167,10 +213,12 @@ def assistant_loss(
     pad_id: int,
     batch_size: int,
     progress: Callable[[int], None] | None = None,
+    *,
+    shard: Shard = ONE_PROCESS,
 ) -> float:
     """Mean cross-entropy per assistant token (the tokens SFT trains on)."""
     seqs = [(r["input_ids"], r["labels"]) for r in rows]
-    lp = sequence_logprobs(model, seqs, pad_id, batch_size, progress)
+    lp = sequence_logprobs(model, seqs, pad_id, batch_size, progress, shard=shard)
     total, n = sum(x for x, _ in lp), sum(k for _, k in lp)
     return -total / max(n, 1)
 
@@ -182,6 +230,8 @@ def preference_margins(
     batch_size: int,
     enable_thinking: bool | None = None,
     progress: Callable[[int], None] | None = None,
+    *,
+    shard: Shard = ONE_PROCESS,
 ) -> list[float]:
     """log p(chosen reply | prompt) - log p(rejected reply | prompt) per pair, summed over the reply's
     tokens: > 0 means the model prefers the chosen reply."""
@@ -193,7 +243,7 @@ def preference_margins(
                     tok, p["prompt"] + p[side], train_on="last", enable_thinking=enable_thinking
                 )
             )
-    lp = sequence_logprobs(model, seqs, tok.pad_token_id, batch_size, progress)
+    lp = sequence_logprobs(model, seqs, tok.pad_token_id, batch_size, progress, shard=shard)
     return [lp[2 * i][0] - lp[2 * i + 1][0] for i in range(len(pairs))]
 
 
