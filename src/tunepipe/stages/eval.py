@@ -6,6 +6,11 @@ reference reply) and loss/perplexity on the reference reply; preference sets giv
 preference_accuracy and reward_margin. Writes `eval/metrics.json` as {model: {set: {metric: value}}}
 and `eval/samples/<model>.<set>.jsonl` (prompt, reference, output, score per example).
 Gate: metrics written and finite.
+
+Under several processes (torchrun, accelerate launch, `hardware.processes`) every process loads each
+model and computes its share of every set's batches; the per-example results are gathered, so every
+process computes the same metrics as one process would, and the main process alone writes them.
+lm-eval runs in the main process while the others wait.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ from __future__ import annotations
 import gc
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import dist
 from ..config import LIKELIHOOD_METRICS, PREFERENCE_METRICS, Config, EvalSet
 from ..data.chat import prompt_text, tokenize_conversation
 from ..data.formats import PREFERENCE_FORMATS, FormatError, RowError, detect_format, to_conversation
@@ -26,11 +34,14 @@ from ..data.formats import to_preference as to_pair
 from ..data.prepare import DataError, read_split
 from ..data.sources import SourceError, expand, read_rows
 from ..evaluation import (
+    ONE_PROCESS,
+    Shard,
     assistant_loss,
     generate,
     last_user_text,
     preference_margins,
     reference_reply,
+    shard_size,
 )
 from ..metrics import metric_key, score, scorer_for, strip_thinking
 from ..modeling import load_stage_model, load_tokenizer, plan_for
@@ -109,16 +120,34 @@ def load_sets(ctx: StageContext, limit: int | None) -> list[LoadedSet]:
     return sets
 
 
-def _work(sets: list[LoadedSet]) -> int:
-    """Sequences each model processes: one per row for generation and for loss, two per pair."""
+def _work(sets: list[LoadedSet], batch_size: int, shard: Shard = ONE_PROCESS) -> int:
+    """Sequences this process evaluates per model: one per row for generation and for loss, two per
+    pair; its share of their batches under several processes."""
     n = 0
     for s in sets:
         if s.kind == "pairs":
-            n += 2 * len(s.rows)
+            n += shard_size(2 * len(s.rows), batch_size, shard)
         else:
-            generates = any(m not in LIKELIHOOD_METRICS for m in s.metrics)
-            n += len(s.rows) * (generates + any(m in LIKELIHOOD_METRICS for m in s.metrics))
+            passes = any(m not in LIKELIHOOD_METRICS for m in s.metrics) + any(
+                m in LIKELIHOOD_METRICS for m in s.metrics
+            )
+            n += passes * shard_size(len(s.rows), batch_size, shard)
     return n
+
+
+class _Progress:
+    """This process's share of a model's sequences: a bar in the main process, a count in each."""
+
+    def __init__(self, total: int, desc: str, show: bool):
+        self.bar = tqdm(total=total, desc=desc, unit="seq", disable=not show)
+        self.n = 0
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -127,7 +156,13 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _conversation_metrics(
-    ctx: StageContext, model: Any, tok: Any, s: LoadedSet, max_new: int, bar: Any
+    ctx: StageContext,
+    model: Any,
+    tok: Any,
+    s: LoadedSet,
+    max_new: int,
+    progress: Callable[[int], None],
+    shard: Shard,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     cfg, e = ctx.cfg, ctx.cfg.eval
     think = cfg.model.enable_thinking
@@ -148,11 +183,12 @@ def _conversation_metrics(
             prompts,
             max_new,
             e.batch_size,
-            bar.update,
+            progress,
             do_sample=e.do_sample,
             temperature=e.temperature,
             top_p=e.top_p,
             seed=e.seed,
+            shard=shard,
         )
         for r, raw in zip(s.rows, outputs, strict=True):
             out = strip_thinking(raw) if e.strip_thinking else raw
@@ -169,7 +205,7 @@ def _conversation_metrics(
         if "input_ids" not in rows[0]:  # a file set: tokenized here, loss on the final reply
             pairs = [tokenize_conversation(tok, r["messages"], train_on="last") for r in rows]
             rows = [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
-        loss = assistant_loss(model, rows, tok.pad_token_id, e.batch_size, bar.update)
+        loss = assistant_loss(model, rows, tok.pad_token_id, e.batch_size, progress, shard=shard)
         if "loss" in s.metrics:
             m["loss"] = loss
         if "perplexity" in s.metrics:
@@ -178,10 +214,10 @@ def _conversation_metrics(
 
 
 def _pair_metrics(
-    ctx: StageContext, model: Any, tok: Any, s: LoadedSet, bar: Any
+    ctx: StageContext, model: Any, tok: Any, s: LoadedSet, progress: Callable[[int], None], shard: Shard
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     margins = preference_margins(
-        model, tok, s.rows, ctx.cfg.eval.batch_size, ctx.cfg.model.enable_thinking, bar.update
+        model, tok, s.rows, ctx.cfg.eval.batch_size, ctx.cfg.model.enable_thinking, progress, shard=shard
     )
     m: dict[str, float] = {}
     if "preference_accuracy" in s.metrics:
@@ -219,38 +255,56 @@ def run(ctx: StageContext) -> StageResult:
             ],
         )
 
+    # Every process holds every result after each set (see evaluation._map_batches); only the main
+    # process writes, so the run folder looks the same for any number of processes.
+    dist.ensure_process_group()
+    shard: Shard = (dist.rank(), dist.world_size())
+    main = dist.is_main()
     plan = plan_for(cfg.model)
     tok = load_tokenizer(cfg, log=ctx.log)
     samples_dir = out / "samples"
-    samples_dir.mkdir(exist_ok=True)
+    if main:
+        samples_dir.mkdir(exist_ok=True)
     metrics: dict[str, dict[str, dict[str, float]]] = {}
     for which in e.models:
         model = load_stage_model(cfg, plan, ctx.run_dir, which, log=ctx.log).eval()
         metrics[which] = {}
-        bar = tqdm(total=_work(sets), desc=f"eval {which}", unit="seq")
+        progress = _Progress(_work(sets, e.batch_size, shard), f"eval {which}", show=main)
         for s in sets:
             if s.kind == "pairs":
-                m, samples = _pair_metrics(ctx, model, tok, s, bar)
+                m, samples = _pair_metrics(ctx, model, tok, s, progress, shard)
             else:
-                m, samples = _conversation_metrics(ctx, model, tok, s, max_new, bar)
-            _write_jsonl(samples_dir / f"{which}.{s.spec.name}.jsonl", samples)
+                m, samples = _conversation_metrics(ctx, model, tok, s, max_new, progress, shard)
+            if main:
+                _write_jsonl(samples_dir / f"{which}.{s.spec.name}.jsonl", samples)
             m["n"] = len(s.rows)
             metrics[which][s.spec.name] = {k: round(v, 4) for k, v in m.items()}
             ctx.log(f"  {which:4s} {s.spec.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
-        bar.close()
+        progress.close()
+        if shard[1] > 1:
+            ctx.log(
+                f"  {which:4s} process {shard[0]} of {shard[1]} evaluated {progress.n} of "
+                f"{_work(sets, e.batch_size)} sequences"
+            )
         if e.lm_eval:
             from ..benchmarks import run_lm_eval
 
             lm = e.lm_eval
-            results = run_lm_eval(
-                model,
-                tok,
-                lm.tasks,
-                limit=SMOKE_SAMPLES if ctx.smoke else lm.limit,
-                num_fewshot=lm.num_fewshot,
-                include_path=cfg.path(lm.include_path) if lm.include_path else None,
-                batch_size=lm.batch_size,
-                log=ctx.log,
+            # lm-eval's own data parallelism needs a model it loads itself (with accelerate); this
+            # one is in memory with the adapters merged, so the main process runs it alone and the
+            # others wait for its numbers.
+            results = dist.on_main(
+                partial(
+                    run_lm_eval,
+                    model,
+                    tok,
+                    lm.tasks,
+                    limit=SMOKE_SAMPLES if ctx.smoke else lm.limit,
+                    num_fewshot=lm.num_fewshot,
+                    include_path=cfg.path(lm.include_path) if lm.include_path else None,
+                    batch_size=lm.batch_size,
+                    log=ctx.log,
+                )
             )
             for task, vals in results.items():
                 metrics[which][task] = {k: round(v, 4) for k, v in vals.items()}
@@ -258,9 +312,10 @@ def run(ctx: StageContext) -> StageResult:
         del model
         gc.collect()
 
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out / "metrics.json")
+    if main:
+        tmp = out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out / "metrics.json")
     values = [v for s in metrics.values() for mm in s.values() for v in mm.values()]
     finite = bool(values) and all(math.isfinite(v) for v in values)
     return StageResult(
