@@ -1,5 +1,8 @@
 """GPU check (never in CI): QLoRA SFT + DPO on the embedded model for a few minutes on one CUDA GPU.
 
+Also runs the whole pipeline as `tunepipe run` does on several GPUs, through its own launcher
+(a process group of one on this one GPU; TUNEPIPE_LAUNCH=always), with DDP and with FSDP2.
+
 Writes tokens/s, peak memory and MFU per stage to a JSON file, for two variants of the same run:
 `optimized` (tunepipe's defaults: length-grouped batches, padding-free SFT where flash-attn works,
 gradient checkpointing only when the memory plan needs it, liger-kernel when installed) and `plain`
@@ -85,7 +88,13 @@ def main() -> int:
                 }
             )
         )
-        results: dict = {"gpu": gpu, "torch": torch.__version__, "peak_bf16_flops": peak, "variants": {}}
+        results: dict = {
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "peak_bf16_flops": peak,
+            "variants": {},
+            "launched": {},
+        }
         for variant, overrides in VARIANTS.items():
             cfg = load_config(cfg_path, [*overrides, f"project.output_dir={Path(tmp) / variant}"])
             results["variants"][variant] = _stages(cfg, peak, run_pipeline, run_dir_for)
@@ -94,6 +103,10 @@ def main() -> int:
                 results["metrics"] = json.loads(
                     (run_dir_for(cfg, False) / "eval" / "metrics.json").read_text()
                 )
+        # The launch path `tunepipe run` takes on several GPUs (a process group of one here: one GPU),
+        # as a real command: DDP and FSDP2, QLoRA SFT -> DPO -> eval.
+        for name, extra in LAUNCHED.items():
+            results["launched"][name] = _launched(cfg_path, Path(tmp) / f"launched-{name}", extra)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
@@ -151,6 +164,46 @@ def _stages(cfg, peak, run_pipeline, run_dir_for) -> dict:  # type: ignore[no-un
             ),
         }
     return results
+
+
+LAUNCHED = {
+    "ddp": ["hardware.processes=1"],
+    # FSDP2 keeps 4-bit weights shardable only when they are stored as bf16.
+    "fsdp": ["hardware.processes=1", "hardware.sharding=fsdp", "model.bnb_4bit_quant_storage=bfloat16"],
+}
+
+
+def _launched(cfg_path: Path, out_dir: Path, extra: list[str]) -> dict:
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "tunepipe", "run", str(cfg_path), f"project.output_dir={out_dir}", *extra]
+    t0 = time.time()
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "TUNEPIPE_LAUNCH": "always"}, timeout=1800
+    )
+    res: dict = {
+        "command": " ".join(cmd[2:]),
+        "exit_code": r.returncode,
+        "wall_s": round(time.time() - t0, 1),
+    }
+    if r.returncode:
+        res["stderr_tail"] = r.stderr[-3000:]
+    for stage in ("sft", "dpo", "eval"):
+        sj = out_dir / stage / "stage.json"
+        if sj.is_file():
+            st = json.loads(sj.read_text())
+            res[stage] = {
+                "status": st["status"],
+                "seconds": st["seconds"],
+                "world_size": st["outputs"].get("world_size"),
+                "launched": "launching 1 process " in (out_dir / "logs" / f"{stage}.log").read_text(),
+                "last_loss": next(
+                    (x["loss"] for x in reversed(_log_rows(out_dir / stage / "log.jsonl")) if "loss" in x),
+                    None,
+                ),
+            }
+    return res
 
 
 def _log_rows(path: Path) -> list[dict]:

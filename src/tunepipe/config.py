@@ -54,7 +54,8 @@ def parse_duration(text: str) -> float:
 class HardwareConfig(Section):
     gpus: int = Field(0, ge=0, description="GPUs per node the run is planned for (0 = CPU)")
     gpu_memory_gb: float | None = Field(None, gt=0)
-    nodes: int = Field(1, ge=1, description="machines the run spans; each runs the same command (--node-rank)")
+    # Machines the run spans; each runs the same command (--node-rank, or Slurm's variables).
+    nodes: int = Field(1, ge=1, description="machines the run spans")
     # Processes per node: None = one per visible GPU (1 on a CPU-only machine); N on CPU = N processes
     # over gloo. `tunepipe run` launches them itself (torch's elastic launcher).
     processes: int | None = Field(None, ge=1, description="processes per node (default: one per GPU)")

@@ -315,7 +315,8 @@ class Group:
             job_path = job_dir / "job.json"
             write_atomic(job_path, json.dumps(job, indent=2))
             ctx.log(
-                f"[{name}] launching {self.topo.world} processes ({self.topo.nodes} node(s) x "
+                f"[{name}] launching {self.topo.world} process{'es' if self.topo.world > 1 else ''} "
+                f"({self.topo.nodes} node(s) x "
                 f"{self.topo.processes}; {self.topo.why})"
             )
             failures = self._launch(name, job_path)
@@ -646,8 +647,9 @@ def worker(job_path: Path) -> int:
 def maybe_group(
     cfg: Config, topo: Topology | None, run_dir: Path, echo: Callable[[str], None]
 ) -> Iterator[Group | None]:
-    """The controller's Group when this run launches processes, else None (one process, in-process)."""
-    if topo is None or topo.world <= 1:
+    """The controller's Group when this run launches processes, else None (one process, in-process).
+    TUNEPIPE_LAUNCH=always launches a group of one too (the GPU check runs the launch path so)."""
+    if topo is None or (topo.world <= 1 and os.environ.get("TUNEPIPE_LAUNCH") != "always"):
         yield None
         return
     with Group(cfg, topo, run_dir, echo) as group:
