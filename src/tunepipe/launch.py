@@ -529,28 +529,12 @@ def follow(cfg: Config, run_dir: Path, topo: Topology, echo: Callable[[str], Non
 # --------------------------------------------------------------------------- worker side
 
 
-def _init_process_group() -> None:
-    """The group the launcher set up the environment for: NCCL on GPUs, gloo on CPU. Trainers
-    (accelerate) use an initialized group as it is."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-
-
 def _visible_run_folder(job: dict[str, Any]) -> None:
     """Every process reads the job from the run folder: one that sees another folder (a node without
     the shared filesystem) is stopped here, before any model is loaded."""
-    import torch.distributed as dist
+    from .dist import all_gather_objects
 
-    seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (job.get("token"), job.get("problem")))
+    seen = all_gather_objects((job.get("token"), job.get("problem")))
     if len({token for token, _ in seen}) > 1:
         problems = [problem for _, problem in seen if problem]
         raise LaunchError(
@@ -563,7 +547,7 @@ def _visible_run_folder(job: dict[str, Any]) -> None:
 
 def worker(job_path: Path) -> int:
     """One launched process: run the stage, write this rank's outcome, return the exit code."""
-    from .dist import rank
+    from .dist import ensure_process_group, rank
     from .pipeline import STAGES, StageLog
     from .training import OutOfMemory
 
@@ -576,8 +560,10 @@ def worker(job_path: Path) -> int:
     try:
         from .config import load_config
 
-        _init_process_group()
-        _visible_run_folder(job)
+        # The group the launcher set up the environment for (NCCL on GPUs, gloo on CPU); the
+        # trainers (accelerate) use an initialized group as it is.
+        if ensure_process_group():
+            _visible_run_folder(job)
         cfg = load_config(job["config"], job["overrides"])
         ctx = StageContext(
             cfg=cfg,
