@@ -69,8 +69,8 @@ Time per stage (`estimate_time`):
     seconds                  FLOPs / (world size * peak * MFU). Peak bf16 dense: H100/H200 989 TFLOP/s,
                              A100 312, L40S 362, A10G 125 (picked by torch's device name, else by
                              hardware.gpu_memory_gb: >= 80 GB -> H100, >= 40 -> A100, else A10G);
-                             MFU 0.35, QLoRA x 1.3 for dequantisation. CPU: a matmul measured once on this
-                             machine (`cpu_matmul_flops`) * 0.5.
+                             MFU 0.35. CPU: a matmul measured once on this machine (`cpu_matmul_flops`)
+                             * 0.5. QLoRA x 1.3 for dequantisation on both (CPU: 1.15-1.9x measured).
     budget                   hardware.time_limit * this stage's hardware.time_shares (normalised over the
                              enabled stages), as the pipeline shares it.
 """
@@ -950,6 +950,9 @@ def estimate_time(
     else:
         rate = cpu_matmul_flops("bfloat16" if st.autocast else "float32") * CPU_EFFICIENCY
         notes.append(f"CPU matmul measured here x {CPU_EFFICIENCY}")
+        if cfg.model.load_in_4bit:  # measured on CPU: 1.15x (SmolLM2-135M, bf16 autocast) to 1.9x (tiny)
+            rate /= QLORA_SLOWDOWN
+            notes.append(f"QLoRA dequantisation x {QLORA_SLOWDOWN}")
         label = "CPU"
     tokens = flops = seconds = None
     per_token = train_flops_per_token(shape, cfg, stage, mean_tokens, st.checkpointing)
