@@ -16,11 +16,13 @@ import pytest
 from conftest import tunepipe, write_config
 
 from tunepipe.config import load_config
-from tunepipe.modeling import load_kwargs, load_model, plan_for
+from tunepipe.modeling import cuda_available, load_kwargs, load_model, plan_for
 
 pytestmark = pytest.mark.slow
 
 QLORA = ["model.load_in_4bit=true", "sft.method=qlora", "dpo.method=qlora"]
+# The subprocesses run on the CPU on a GPU machine too; the in-process test needs a machine without one.
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}
 LINEARS = 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
 
 
@@ -62,7 +64,7 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path) -> None:
     # are enough for the gate (training.loss_falling_gate: auto checks runs of 10+ logged steps); 3 DPO
     # steps show DPO runs on the 4-bit SFT model (too few for its gate: auto leaves it unchecked).
     cfg = write_config(tmp_path, tiny_qwen3_64, training={"logging_steps": 1})
-    done = tunepipe("run", cfg, *QLORA, "sft.max_steps=10", "dpo.max_steps=3")
+    done = tunepipe("run", cfg, *QLORA, "sft.max_steps=10", "dpo.max_steps=3", env=CPU_ONLY)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     run = tmp_path / "runs" / "test"
@@ -105,6 +107,7 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path) -> None:
     assert metrics["sft"]["sft_eval"]["loss"] < metrics["base"]["sft_eval"]["loss"]
 
 
+@pytest.mark.skipif(cuda_available(), reason="loads in this process: on a GPU machine that is the GPU")
 def test_load_model_quantizes_the_linear_layers_with_the_planned_dtypes(
     tmp_path: Path, tiny_qwen3_64: Path
 ) -> None:
@@ -162,7 +165,7 @@ def test_an_old_bitsandbytes_is_refused_with_the_fix(tmp_path: Path, tiny_qwen3_
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(site)},
+        env={**os.environ, **CPU_ONLY, "PYTHONPATH": str(site)},
         timeout=300,
     )
     assert done.returncode == 2, done.stdout + done.stderr[-3000:]
