@@ -222,3 +222,25 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_next_run_resumes(tmp_path: 
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from checkpoint-{stopped}" in again.stdout
     assert sorted(_losses(run)) == list(range(1, STEPS + 1))
+
+
+def test_a_checkpoint_at_the_last_step_is_final_no_extra_step(tmp_path: Path, tiny_qwen3: Path):
+    """Stopped after the last checkpoint but before the stage finished (killed while saving the
+    adapter, say): the rerun loads that checkpoint as the result. The trainer's own resume would run
+    one step past max_steps before checking it."""
+    cfg = write_config(
+        tmp_path,
+        tiny_qwen3,
+        training={"save_steps": 2, "logging_steps": 1},
+        sft={"max_steps": 4},
+        dpo={"enabled": False},
+    )
+    run = tmp_path / "runs" / "test"
+    for _ in range(2):  # the second `train --stage sft` reruns the named stage over checkpoint-4
+        r = subprocess.run(_cmd(cfg, "data"), capture_output=True, text=True, env=_env())
+        r = subprocess.run(_cmd(cfg, "train", "--stage", "sft"), capture_output=True, text=True, env=_env())
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "checkpoint-4 is the last step; training is done" in r.stdout
+    assert list(_losses(run)) == [1, 2, 3, 4]
+    out = json.loads((run / "sft" / "stage.json").read_text())["outputs"]
+    assert out["steps"] == 4 and (run / "sft" / "adapter" / "adapter_model.safetensors").is_file()

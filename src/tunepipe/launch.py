@@ -597,6 +597,8 @@ def worker(job_path: Path) -> int:
         }
     except StageStopped as e:
         record = {"kind": "stopped", "message": str(e)}
+    except KeyboardInterrupt:  # Ctrl-C reached the workers too, outside a training step
+        record = {"kind": "stopped", "message": f"[{name}] interrupted; run the same command again"}
     except GateFailed as e:
         record, code = {"kind": "gate", "message": str(e)}, 3
     except GroupOutOfMemory as e:

@@ -364,7 +364,14 @@ class Training:
                 self._check_losses(trainer)
                 if self.resume:
                     self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
-                result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+                finished = _finished_checkpoint(self.resume, self.ctx.cfg.hardware.sharding)
+                if finished is not None:
+                    # Saved at the last step (stopped before the stage finished): the weights are final.
+                    # trainer.train would still run one more step before it checks max_steps.
+                    self.ctx.log(f"{self.stage}: {self.resume.name} is the last step; training is done")
+                    result = finished(trainer)
+                else:
+                    result = trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
                 self.trainer = trainer
                 break
             except NonFiniteLoss as e:
@@ -439,6 +446,31 @@ class Training:
                 "complete checkpoint; run the same command again to resume"
             )
         return result
+
+
+def _finished_checkpoint(ckpt: Path | None, sharding: str) -> Callable[[Any], Any] | None:
+    """For a checkpoint saved at the run's last step (its trainer_state says global_step >= max_steps),
+    a function loading it into a trainer and returning the trainer's TrainOutput; else None. Under
+    FSDP / ZeRO the trainer's own resume loads the sharded state (and trains that one step again)."""
+    if ckpt is None or sharding != "ddp":
+        return None
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not saved.get("max_steps") or saved.get("global_step", 0) < saved["max_steps"]:
+        return None
+
+    def load(trainer: Any) -> Any:
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        trainer._load_from_checkpoint(str(ckpt))
+        trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return TrainOutput(trainer.state.global_step, losses[-1] if losses else 0.0, {"train_runtime": 0.0})
+
+    return load
 
 
 class NonFiniteLoss(Exception):
