@@ -59,12 +59,16 @@ def _log(run: Path, stage: str) -> list[dict]:
     return [json.loads(x) for x in (run / stage / "log.jsonl").read_text().splitlines()]
 
 
-def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path) -> None:
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.multiproc)])
+def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path, processes: int) -> None:
+    """One process, and two (each owning its whole 4-bit model, as device_map={"": local_rank} does
+    on GPUs: the 4-bit + DDP case), launched by `tunepipe run` itself."""
     # Not --smoke: smoke pins 3 steps and skips the loss_falling gate. 10 SFT steps logged one by one
     # are enough for the gate (training.loss_falling_gate: auto checks runs of 10+ logged steps); 3 DPO
     # steps show DPO runs on the 4-bit SFT model (too few for its gate: auto leaves it unchecked).
     cfg = write_config(tmp_path, tiny_qwen3_64, training={"logging_steps": 1})
-    done = tunepipe("run", cfg, *QLORA, "sft.max_steps=10", "dpo.max_steps=3", env=CPU_ONLY)
+    steps = ["sft.max_steps=10", "dpo.max_steps=3", f"hardware.processes={processes}"]
+    done = tunepipe("run", cfg, *QLORA, *steps, env=CPU_ONLY)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     run = tmp_path / "runs" / "test"
@@ -83,7 +87,7 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path) -> None:
     assert len(losses) == 10 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     sft = json.loads((run / "sft" / "stage.json").read_text())
-    assert sft["status"] == "done"
+    assert sft["status"] == "done" and sft["outputs"]["world_size"] == processes
     gate = next(g for g in sft["gates"] if g["name"] == "loss_falling")
     assert gate["passed"] and not gate["detail"].startswith("not checked"), gate
 
@@ -98,6 +102,7 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path) -> None:
     # DPO ran after SFT, on the SFT model, with the policy's disabled adapter as the reference.
     dpo = json.loads((run / "dpo" / "stage.json").read_text())
     assert dpo["status"] == "done" and dpo["outputs"]["reference"] == "adapter"
+    assert dpo["outputs"]["world_size"] == processes
     assert dpo["outputs"]["base"] == ["sft/adapter"] and dpo["started_at"] >= sft["started_at"]
     assert all(math.isfinite(r["loss"]) for r in _log(run, "dpo"))
 
