@@ -574,10 +574,14 @@ def _run_stage(
             log.file.write(redact_text(tb))
             with contextlib.suppress(AttributeError, TypeError):
                 e.tunepipe_log = str(log.path)  # type: ignore[attr-defined]  # the CLI names it
+        # A launched process killed from outside (SIGKILL, the OOM killer) left no traceback: the
+        # message naming it is the diagnosis.
+        died = "Traceback" not in getattr(e, "worker_log", "Traceback")
         if (
             not isinstance(e, KeyboardInterrupt | GateFailed)
             and not is_write_error(e)
             and not _is_bad_input(e)
+            and not died
         ):
             _write_diagnosis(run_dir / "logs", name, tb, log)
         log.close()
