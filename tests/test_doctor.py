@@ -196,6 +196,8 @@ def test_json_has_the_checks_and_the_plan() -> None:
         "gpu_memory_gb": 80,
         "nodes": 1,
         "processes": 4,
+        "sharding": "ddp",
+        "sharding_plan": "ddp over 4 process(es): a whole copy of the model in each (hardware.sharding: ddp)",
         "deepspeed": None,
         "time_limit": "24h",
         "description": "4× GPU 80 GB",
@@ -285,7 +287,49 @@ def test_deepspeed_named_but_not_installed_blocks() -> None:
     assert code == 2
     problems = by_name(report["plan"]["incompatibilities"])
     assert problems["deepspeed"]["blocking"] and "pip install deepspeed" in problems["deepspeed"]["fix"]
-    assert problems["deepspeed on CPU"]["status"] == "warn"
+    # ZeRO runs on CPU processes too (DeepSpeed's CPU accelerator over gloo): no warning about the CPU.
+    assert "deepspeed on CPU" not in problems
+    code, report = doctor_json(QUICKSTART, "hardware.sharding=zero3", "hardware.processes=2")
+    problems = by_name(report["plan"]["incompatibilities"])
+    assert code == 2 and "hardware.sharding: zero3" in problems["deepspeed"]["detail"]
+
+
+@needs_planner
+def test_memory_per_process_under_each_sharding_marks_the_configured_one() -> None:
+    env = gpu_machine()
+    cfg = load_config(
+        QWEN, ["sft.method=full", "model.load_in_4bit=false", "dpo.method=full", "hardware.sharding=zero2"]
+    )
+    mem = config_report(cfg, env=env)["stages"]["sft"]["memory"]
+    by = mem["by_sharding"]
+    assert [k for k, row in by.items() if row["configured"]] == ["zero2"]
+    assert by["zero2"]["total_bytes"] == mem["total_bytes"]
+    state = {k: row["model_state_bytes"] for k, row in by.items()}
+    assert state["zero3"] < state["zero2"] < state["ddp"] and state["fsdp"] < state["zero2"]
+    assert len({row["activations_bytes"] for row in by.values()}) == 1  # per process under every engine
+    lines = doctor._memory_lines(mem)
+    assert any(line.strip().startswith("zero2") and line.endswith("<- configured") for line in lines)
+    assert any(line.strip().startswith("fsdp") for line in lines)
+
+
+def test_qlora_with_fsdp_needs_bf16_storage_and_fsdp_plan_names_the_layer_class() -> None:
+    env = gpu_machine()
+    cfg = load_config(QWEN, ["hardware.sharding=fsdp"])
+    report = config_report(cfg, env=env)
+    problems = by_name(report["incompatibilities"])
+    assert problems["sharding"]["blocking"]
+    assert problems["sharding"]["fix"].startswith("set model.bnb_4bit_quant_storage: bfloat16")
+    assert "Qwen3DecoderLayer" in report["target"]["sharding_plan"]
+    fixed = config_report(
+        load_config(QWEN, ["hardware.sharding=fsdp", "model.bnb_4bit_quant_storage=bfloat16"]), env=env
+    )
+    assert "sharding" not in by_name(fixed["incompatibilities"])
+
+
+def test_sharding_with_one_process_warns() -> None:
+    code, report = doctor_json(QUICKSTART, "hardware.sharding=fsdp")
+    problems = by_name(report["plan"]["incompatibilities"])
+    assert problems["sharding"]["status"] == "warn" and "nothing to shard" in problems["sharding"]["detail"]
 
 
 def test_missing_data_file_blocks_with_the_path() -> None:

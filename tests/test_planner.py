@@ -16,6 +16,7 @@ from tunepipe.planner import (
     GiB,
     ModelShape,
     PlannerError,
+    compare_sharding,
     estimate_memory,
     estimate_time,
     starting_batch,
@@ -86,9 +87,54 @@ def test_zero3_divides_weights_gradients_and_optimizer_by_world_size(tmp_path: P
     ddp = estimate_memory(load_config(None, common), "sft")
     z3 = estimate_memory(load_config(None, [*common, f"hardware.deepspeed={ds}"]), "sft")
     assert z3.zero_stage == 3 and z3.world_size == 4
-    for part in ("weights", "gradients", "optimizer"):
+    for part in ("weights", "gradients"):
         assert getattr(z3, part) == pytest.approx(getattr(ddp, part) / 4, rel=1e-6)
+    # DeepSpeed's bf16 optimizer: fp32 master weights + two fp32 AdamW states = 12 B per parameter, / 4.
+    assert z3.optimizer == pytest.approx(12 * z3.shape.n_params / 4, rel=1e-6)
     assert z3.activations == ddp.activations  # activations are per process
+
+
+def test_each_sharding_choice_per_process_at_world_4() -> None:
+    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen3-8B", "sft.method=full", "hardware.gpus=4"])
+    by = compare_sharding(cfg, "sft")
+    assert list(by) == ["ddp", "fsdp", "zero2", "zero3"] and by["ddp"].sharding == "ddp"
+    state = {k: e.model_state_bytes for k, e in by.items()}
+    assert state["zero3"] < state["zero2"] < state["ddp"]
+    n = by["ddp"].shape.n_params
+    # ZeRO's 2 + 2 + 12 B per parameter: 16 / 4 with ZeRO-3, 2 + 14 / 4 with ZeRO-2; FSDP2's fp32
+    # master weights, fp32 gradients and AdamW states are 16 B too, all sharded.
+    assert state["zero3"] == pytest.approx(16 * n / 4, rel=1e-3)
+    assert state["zero2"] == pytest.approx((2 + 14 / 4) * n, rel=1e-3)
+    assert state["fsdp"] == pytest.approx(state["zero3"], rel=1e-3)
+    assert state["ddp"] == pytest.approx(8 * n, rel=1e-3)  # bf16 weights, gradients, two AdamW states
+    # Gathered parameters only where weights are sharded; DDP's buckets copy the gradients.
+    assert by["fsdp"].gathered > 0 and by["zero3"].gathered > 0 and by["zero2"].gathered == 0
+    assert by["ddp"].buffers == by["ddp"].gradients and by["fsdp"].buffers == 0
+    assert len({e.activations for e in by.values()}) == 1  # activations are per process everywhere
+    # The model state shrinks with the world size only where it is sharded.
+    eight = compare_sharding(
+        load_config(None, ["model.name_or_path=Qwen/Qwen3-8B", "sft.method=full", "hardware.gpus=8"]), "sft"
+    )
+    assert eight["ddp"].model_state_bytes == state["ddp"]
+    assert eight["zero3"].model_state_bytes == pytest.approx(state["zero3"] / 2, rel=1e-3)
+
+
+def test_lora_sharding_divides_the_frozen_base_only_with_fsdp_and_zero3() -> None:
+    cfg = load_config(
+        None, ["model.name_or_path=Qwen/Qwen3-8B", "hardware.gpus=4", "hardware.sharding=zero3"]
+    )
+    by = compare_sharding(cfg, "sft")
+    assert by["zero3"].weights == pytest.approx(by["ddp"].weights / 4, rel=1e-3)
+    assert by["fsdp"].weights == pytest.approx(by["ddp"].weights / 4, rel=1e-3)
+    assert by["zero2"].weights == by["ddp"].weights  # a whole copy of the frozen base per GPU
+    assert estimate_memory(cfg, "sft").total_bytes == by["zero3"].total_bytes  # the configured one
+
+
+def test_cpu_processes_are_the_world_size() -> None:
+    cfg = load_config(None, ["hardware.processes=2", "hardware.sharding=fsdp"])
+    est = estimate_memory(cfg, "sft", device="cpu", shape=ModelShape.from_config(example()))
+    ddp = estimate_memory(cfg, "sft", device="cpu", shape=est.shape, shard="ddp")
+    assert est.world_size == 2 and est.weights == pytest.approx(ddp.weights / 2, rel=1e-3)
 
 
 def test_full_finetuning_in_bf16_costs_8_bytes_per_parameter_before_activations() -> None:

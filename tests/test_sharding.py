@@ -145,7 +145,7 @@ QLORA = ["model.load_in_4bit=true", "sft.method=qlora", "dpo.method=qlora"]
 @pytest.mark.parametrize("kind", ["fsdp", "zero3"])
 def test_qlora_sharding_weights_needs_bf16_quant_storage(kind: str) -> None:
     problems = sharding.check(load_config(None, [*QLORA, f"hardware.sharding={kind}"]))
-    assert len(problems) == 1 and "model.bnb_4bit_quant_storage: bfloat16" in problems[0]
+    assert len(problems) == 1 and "; set model.bnb_4bit_quant_storage: bfloat16" in problems[0]
     assert not sharding.check(
         load_config(None, [*QLORA, f"hardware.sharding={kind}", "model.bnb_4bit_quant_storage=bfloat16"])
     )

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+from . import sharding
 from .config import Config, ConfigError, load_config
 from .modeling import BNB_INSTALL
 from .preflight import Check, hub_offline, preflight_checks
@@ -488,7 +489,7 @@ STAGES = ("sft", "dpo")
 
 
 def _processes(cfg: Config) -> int:
-    return max(cfg.hardware.gpus, 1) * cfg.hardware.nodes
+    return sharding.world_size(cfg)
 
 
 def _fmt_gb(n_bytes: float) -> str:
@@ -558,8 +559,10 @@ def _device_map(cfg: Config) -> dict[str, str]:
             }
         return {"value": "none (cpu)", "reason": "CPU target"}
     if cfg.model.load_in_4bit or procs > 1:
+        kind = sharding.resolve(cfg).label
         why = (
-            f"{procs} processes (DDP): each keeps a whole model copy on its own GPU"
+            f"{procs} processes ({kind}): each loads the model onto its own GPU"
+            + (", then it is sharded" if kind in ("fsdp", "zero3") else ": a whole copy per GPU")
             if procs > 1
             else "4-bit weights load straight onto the GPU"
         )
@@ -609,6 +612,10 @@ def _batch(cfg: Config, stage: str) -> dict[str, int]:
 
 def _device_memory_gb(cfg: Config, env: Environment) -> tuple[float | None, str]:
     if cfg.hardware.gpus == 0:
+        # CPU processes of one node share its RAM.
+        per_node = cfg.hardware.processes or 1
+        if per_node > 1 and env.ram_gb:
+            return env.ram_gb / per_node, f"RAM/{per_node}"
         return env.ram_gb, "RAM"
     if cfg.hardware.gpu_memory_gb:
         return cfg.hardware.gpu_memory_gb, "GPU"
@@ -664,10 +671,29 @@ def _memory(cfg: Config, stage: str, env: Environment, shape: Any, why_not: str)
             est.total_bytes - est.activations + est.activations_with_checkpointing
         ),
     }
+    out["by_sharding"] = _by_sharding(cfg, stage, device, shape, est)
     if out["fits"] is False and capacity:
         batch, accum = starting_batch(cfg, stage, int(capacity * GB), device=device)  # type: ignore[arg-type]
         one = estimate_memory(cfg, stage, device=device, batch=1, shape=shape)  # type: ignore[arg-type]
         out["fits_at_batch"] = {"batch": batch, "accumulation": accum} if one.fits(capacity) else None
+    return out
+
+
+def _by_sharding(cfg: Config, stage: str, device: str, shape: Any, configured: Any) -> dict[str, Any]:
+    """The per-process estimate under each sharding choice at the configured world size."""
+    from .planner import compare_sharding
+
+    out = {}
+    for kind, e in compare_sharding(cfg, stage, device=device, shape=shape).items():  # type: ignore[arg-type]
+        mine = kind == configured.sharding or (kind == "zero2" and configured.sharding == "zero1")
+        e = configured if mine else e  # the configured one exactly as planned (its JSON's offload)
+        out[kind] = {
+            "total_bytes": e.total_bytes,
+            "model_state_bytes": e.model_state_bytes,
+            "gathered_bytes": e.gathered + e.buffers,
+            "activations_bytes": e.activations + e.logits,
+            "configured": mine,
+        }
     return out
 
 
@@ -795,27 +821,25 @@ def _rule_dtype(cfg: Config, env: Environment) -> list[Check]:
 
 
 def _rule_deepspeed(cfg: Config, env: Environment) -> list[Check]:
-    ds = cfg.hardware.deepspeed
-    if not ds:
+    """ZeRO needs the deepspeed package. On CPU it runs too (its CPU accelerator over gloo; no ops are
+    compiled for ZeRO with the trainer's torch optimizer): no warning there."""
+    r = sharding.resolve(cfg)
+    if r.kind != "deepspeed" or env.deepspeed[0] not in ("skip", "fail"):
         return []
-    out = []
-    if env.deepspeed[0] in ("skip", "fail"):
-        out.append(
-            _blocker(
-                "deepspeed",
-                f"hardware.deepspeed names {ds}, but deepspeed {env.deepspeed[1].split(' (')[0]}",
-                "pip install deepspeed (or pip install -e '.[deepspeed]'), or remove hardware.deepspeed",
-            )
+    what = f"hardware.deepspeed names {cfg.hardware.deepspeed}" if cfg.hardware.deepspeed else r.source
+    return [
+        _blocker(
+            "deepspeed",
+            f"{what} (DeepSpeed ZeRO-{r.zero_stage}), but deepspeed {env.deepspeed[1].split(' (')[0]}",
+            "pip install deepspeed (or pip install -e '.[deepspeed]'), or hardware.sharding: ddp / fsdp",
         )
-    if cfg.hardware.gpus == 0:
-        out.append(
-            _warning(
-                "deepspeed on CPU",
-                "hardware.deepspeed with hardware.gpus: 0: ZeRO is for GPUs",
-                "remove hardware.deepspeed for a CPU run (DDP over gloo works)",
-            )
-        )
-    return out
+    ]
+
+
+def _rule_sharding(cfg: Config, env: Environment) -> list[Check]:
+    """hardware.sharding choices that run but not as one may expect (sharding.advice). Those that cannot
+    train (sharding.check) are preflight's, shown below with the run's other preflight checks."""
+    return [_warning(a.name, a.detail, a.fix) for a in sharding.advice(cfg)]
 
 
 def _rule_gpus(cfg: Config, env: Environment) -> list[Check]:
@@ -891,6 +915,7 @@ RULES: list[Callable[[Config, Environment], list[Check]]] = [
     _rule_flash_attention,
     _rule_dtype,
     _rule_deepspeed,
+    _rule_sharding,
     _rule_gpus,
     _rule_checkpointing,
     _rule_liger,
@@ -999,6 +1024,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
             "gpu_memory_gb": hw.gpu_memory_gb,
             "nodes": hw.nodes,
             "processes": _processes(cfg),
+            "sharding": sharding.resolve(cfg).label,
+            "sharding_plan": sharding.describe(cfg),
             "deepspeed": hw.deepspeed,
             "time_limit": hw.time_limit,
             "description": target,
@@ -1053,6 +1080,19 @@ def _memory_lines(mem: dict[str, Any]) -> list[str]:
         for row in mem["components"]
         if row["bytes"]
     ]
+    by = mem.get("by_sharding") or {}
+    if by:
+        lines.append(
+            "      per process by hardware.sharding (total = model state + gathered/buffers + activations "
+            "+ the rest):"
+        )
+        for kind, row in by.items():
+            mark = "  <- configured" if row["configured"] else ""
+            lines.append(
+                f"        {kind:<6} {_fmt_gb(row['total_bytes']):>9}  (model state "
+                f"{_fmt_gb(row['model_state_bytes'])}, gathered/buffers {_fmt_gb(row['gathered_bytes'])}, "
+                f"activations {_fmt_gb(row['activations_bytes'])}){mark}"
+            )
     return lines
 
 
@@ -1089,6 +1129,7 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"Plan for {report['config']}",
         f"  target: {t['description']} × {t['nodes']} node(s) = {t['processes']} process(es){extra}{limit}",
+        f"  sharding: {t['sharding_plan']}",
         f"  this machine: {report['this_machine']}",
         *(f"  note: {n}" for n in report["notes"]),
         f"  model: {report['model']}" + _shape_text(report["model_shape"]),

@@ -50,10 +50,28 @@ Memory per device (`estimate_memory`), in bytes; every term is one row of `Memor
     overhead     GPU: 1 GiB (CUDA context, cuBLAS workspace, allocator slack). CPU: the resident memory of a
                  process that has imported the training stack, measured once in a subprocess
                  (`cpu_baseline_bytes`), + 64 MiB for trainer, tokenizer and data (measured on a tiny model).
-    Sharding     DDP: every process holds all of the above. DeepSpeed ZeRO (hardware.deepspeed): stage 1
-                 divides optimizer state, stage 2 also gradients, stage 3 also weights and trainable
-                 parameters by the world size (hardware.gpus * hardware.nodes); offloaded optimizer state
-                 is not on the GPU.
+    Sharding     per process, over the world size W = hardware.processes (default: hardware.gpus, 1 on
+                 CPU) x hardware.nodes; the engine is `sharding.resolve` (hardware.sharding, or the stage
+                 of hardware.deepspeed):
+                 ddp     every process holds all of the above, + `buffers`: DDP's reduction buckets, a
+                         flat copy of the gradients (transformers does not set gradient_as_bucket_view);
+                         W > 1 only.
+                 zero2   DeepSpeed ZeRO-2: optimizer state and gradients / W (stage 1: optimizer state only).
+                         With bf16/fp16 on a GPU DeepSpeed casts the module (LoRA adapters too) to 16 bits
+                         and its optimizer holds fp32 master weights + fp32 states: AdamW 12 B per
+                         trainable parameter before sharding (ZeRO's 2 + 2 + 12).
+                 zero3   ZeRO-3: weights and trainable parameters / W too, + `gathered`: the parameters
+                         gathered for compute, one module ahead (prefetch): 2 x the larger of a decoder layer
+                         and the embedding matrix, in the weights' dtype.
+                 fsdp    FSDP2 (reshard after forward): weights, trainable, gradients, optimizer / W;
+                         with bf16/fp16 mixed precision on a GPU accelerate upcasts the trainable
+                         parameters to fp32 (sharded fp32 master weights: full fine-tuning 4 B per
+                         parameter / W, fp32 gradients and AdamW states), + `gathered`: 2 decoder layers
+                         (current + prefetched) and the root module's embeddings/lm_head, which stay
+                         gathered for the whole step.
+                 Activations, logits and overhead are per process under every engine. Offloaded optimizer
+                 state (a DeepSpeed JSON's offload_optimizer) is not on the GPU. `compare_sharding` gives
+                 the estimate under each of the four choices.
     `fits(gpu_memory_gb)` keeps 5% of the device free for fragmentation.
 
 Time per stage (`estimate_time`):
@@ -89,6 +107,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from . import sharding
 from .config import Config, StageTrainingConfig
 
 Stage = Literal["sft", "dpo"]
@@ -301,6 +320,7 @@ class Setup:
 
     device: Device
     world_size: int
+    sharding: str  # ddp | fsdp | zero1 | zero2 | zero3
     zero_stage: int
     offload_optimizer: bool
     weights_bytes_per_param: float  # 16-bit, fp32 or 4-bit
@@ -316,16 +336,13 @@ def resolve_device(cfg: Config, device: Device | None) -> Device:
 
 
 def zero_settings(cfg: Config) -> tuple[int, bool]:
-    """(ZeRO stage, optimizer offloaded) from hardware.deepspeed; (0, False) without one."""
-    if not cfg.hardware.deepspeed:
-        return 0, False
-    try:
-        ds = json.loads(cfg.path(cfg.hardware.deepspeed).read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0, False
-    zero = ds.get("zero_optimization") or {}
-    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    return int(zero.get("stage", 0)), offload
+    """(ZeRO stage, optimizer offloaded) as configured (hardware.sharding / hardware.deepspeed);
+    (0, False) for ddp and fsdp."""
+    r = sharding.resolve(cfg)
+    return r.zero_stage, r.offload_optimizer
+
+
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 def checkpointing_decision(
@@ -357,12 +374,21 @@ def checkpointing_decision(
 
 
 def _setup(
-    cfg: Config, stage: Stage, device: Device | None, batch: int | None, checkpointing: bool | None = None
+    cfg: Config,
+    stage: Stage,
+    device: Device | None,
+    batch: int | None,
+    checkpointing: bool | None = None,
+    shard: str | None = None,
 ) -> Setup:
     s: StageTrainingConfig = getattr(cfg, stage)
     dev = resolve_device(cfg, device)
-    world = max(1, cfg.hardware.gpus) * cfg.hardware.nodes if dev == "cuda" else 1
-    zero, offload = zero_settings(cfg) if dev == "cuda" else (0, False)
+    world = sharding.world_size(cfg)
+    configured = sharding.resolve(cfg)
+    shard = shard or configured.label
+    zero = int(shard[-1]) if shard.startswith("zero") else 0
+    # A DeepSpeed JSON's optimizer offload applies to the configured choice only (and to GPUs).
+    offload = dev == "cuda" and shard == configured.label and configured.offload_optimizer
     if dev == "cuda":
         wbytes = 4.0 if cfg.model.dtype == "float32" else 2.0
         autocast = False
@@ -381,6 +407,7 @@ def _setup(
     return Setup(
         device=dev,
         world_size=world,
+        sharding=shard,
         zero_stage=zero,
         offload_optimizer=offload,
         weights_bytes_per_param=wbytes,
@@ -419,6 +446,14 @@ class MemoryEstimate:
     activations_with_checkpointing: int
     activations_without_checkpointing: int
     notes: dict[str, str] = field(default_factory=dict)
+    sharding: str = "ddp"
+    gathered: int = 0  # FSDP / ZeRO-3: sharded parameters gathered for compute
+    buffers: int = 0  # DDP: gradient reduction buckets
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Weights, trainable parameters, gradients and optimizer state: what sharding divides."""
+        return self.weights + self.trainable + self.gradients + self.optimizer
 
     @property
     def total_bytes(self) -> int:
@@ -427,6 +462,8 @@ class MemoryEstimate:
             + self.trainable
             + self.gradients
             + self.optimizer
+            + self.gathered
+            + self.buffers
             + self.activations
             + self.logits
             + self.reference
@@ -445,6 +482,8 @@ class MemoryEstimate:
                 "trainable",
                 "gradients",
                 "optimizer",
+                "gathered",
+                "buffers",
                 "activations",
                 "logits",
                 "reference",
@@ -551,15 +590,17 @@ def estimate_memory(
     batch: int | None = None,
     shape: ModelShape | None = None,
     checkpointing: bool | None = None,
+    shard: str | None = None,
 ) -> MemoryEstimate:
-    """Peak memory per device of training `stage` (formulas in the module docstring).
+    """Peak memory per device (per process) of training `stage` (formulas in the module docstring).
 
     device: "cuda" (per GPU of hardware.gpus) or "cpu" (this machine); default from hardware.gpus.
     batch: per-device micro-batch; default the stage's per_device_train_batch_size.
-    checkpointing: force gradient checkpointing on or off; default as the stage will run."""
+    checkpointing: force gradient checkpointing on or off; default as the stage will run.
+    shard: ddp | fsdp | zero1 | zero2 | zero3 instead of the configured hardware.sharding."""
     s: StageTrainingConfig = getattr(cfg, stage)
     shape = shape or ModelShape.from_config(cfg)
-    st = _setup(cfg, stage, device, batch, checkpointing)
+    st = _setup(cfg, stage, device, batch, checkpointing, shard)
     method = s.method
     four_bit = cfg.model.load_in_4bit  # NF4 on the GPU and, with bitsandbytes >= 0.46, on the CPU
     lora = method in ("lora", "qlora")
@@ -581,29 +622,55 @@ def estimate_memory(
         notes["weights"] += " + bf16 autocast copies of linear weights"
 
     # trainable parameters, their gradients and optimizer state
+    # FSDP2 under bf16/fp16 mixed precision (a GPU with 16-bit weights): accelerate upcasts the
+    # trainable parameters to fp32 before sharding them.
+    fsdp_upcast = st.sharding == "fsdp" and st.device == "cuda" and st.weights_bytes_per_param == 2
+    # DeepSpeed with bf16/fp16 casts the whole module (LoRA adapters too) to 16 bits and keeps fp32
+    # master weights and fp32 optimizer states in its optimizer.
+    ds_mixed = st.zero_stage >= 1 and st.device == "cuda" and st.weights_bytes_per_param == 2
     if lora:
         n_train = shape.lora_params(s.lora.r, s.lora.target_modules)
-        tbytes = 2 if (st.zero_stage == 3 and not four_bit) else 4
+        tbytes = 2 if (ds_mixed and not four_bit) else 4
         trainable = n_train * tbytes
         notes["trainable"] = f"LoRA r={s.lora.r}: {n_train / 1e6:.1f}M params, {tbytes} B each"
     elif method == "full":
         n_train = shape.n_params
-        tbytes = int(st.weights_bytes_per_param)
+        tbytes = 4 if fsdp_upcast else int(st.weights_bytes_per_param)
         trainable = 0
         notes["trainable"] = f"full: all {n_train / 1e9:.2f}B params (in weights)"
     else:  # freeze
         n_layers = min(s.freeze_trainable_layers, shape.num_layers)
         n_train = n_layers * shape.layer_params + shape.hidden_size
-        tbytes = int(st.weights_bytes_per_param)
+        tbytes = 4 if fsdp_upcast else int(st.weights_bytes_per_param)
         trainable = 0
         notes["trainable"] = f"freeze: last {n_layers} layers, {n_train / 1e6:.0f}M params (in weights)"
+    if fsdp_upcast and method != "lora" and method != "qlora":
+        weights += int(n_train * (tbytes - st.weights_bytes_per_param))
+        notes["weights"] += "; trainable ones upcast to fp32 (FSDP2 mixed precision)"
     gradients = n_train * tbytes
     notes["gradients"] = f"{tbytes} B per trainable parameter"
     per_state, optim_note = _optimizer_states(cfg.training.optim)
-    optimizer = int(n_train * (abs(per_state) if per_state < 0 else per_state * tbytes))
+    state_bytes = 4 if ds_mixed else tbytes
+    optimizer = int(n_train * (abs(per_state) if per_state < 0 else per_state * state_bytes))
     notes["optimizer"] = optim_note
+    if ds_mixed:
+        optimizer += n_train * 4
+        notes["optimizer"] += ", fp32, + DeepSpeed's fp32 master weights"
 
     # sharding
+    compute_bytes = 0.5 if four_bit else st.weights_bytes_per_param  # a layer as it is gathered
+    layer_bytes = int(shape.layer_params * compute_bytes)
+    embed_bytes = int(shape.embedding_params * 2 if four_bit else shape.embedding_params * compute_bytes)
+    gathered = buffers = 0
+    if st.sharding == "fsdp":
+        optimizer //= world
+        gradients //= world
+        weights //= world
+        trainable //= world
+        if world > 1:
+            gathered = 2 * layer_bytes + embed_bytes
+            notes["gathered"] = "FSDP2: 2 decoder layers (current + prefetched) + the root's embeddings"
+        notes["optimizer"] += f"; FSDP2 over {world}"
     if st.zero_stage >= 1:
         optimizer //= world
     if st.zero_stage >= 2:
@@ -611,11 +678,17 @@ def estimate_memory(
     if st.zero_stage >= 3:
         weights //= world
         trainable //= world
+        if world > 1:
+            gathered = 2 * max(layer_bytes, embed_bytes)
+            notes["gathered"] = "ZeRO-3: the module in use + the one prefetched (a layer or the embeddings)"
     if st.offload_optimizer:
         optimizer = 0
         notes["optimizer"] += " (offloaded to CPU)"
     if st.zero_stage:
         notes["optimizer"] += f"; ZeRO-{st.zero_stage} over {world}"
+    if st.sharding == "ddp" and world > 1:
+        buffers = gradients
+        notes["buffers"] = f"DDP gradient buckets (a flat copy of the gradients), {world} processes"
 
     # activations and logits
     attn = cfg.model.attn_implementation  # auto is flash-attn or sdpa: neither keeps S^2 scores
@@ -641,7 +714,8 @@ def estimate_memory(
     if stage == "dpo":
         ref = cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
         if ref == "copy":
-            reference = _weights_bytes(shape, st, four_bit) // (world if st.zero_stage >= 3 else 1)
+            shards_ref = st.zero_stage >= 3 or st.sharding == "fsdp"
+            reference = _weights_bytes(shape, st, four_bit) // (world if shards_ref else 1)
         notes["reference"] = {
             "adapter": "the policy with its adapter disabled: no copy",
             "precompute": "log-probs computed before training: no copy",
@@ -665,6 +739,9 @@ def estimate_memory(
         seq_len=st.seq_len,
         world_size=world,
         zero_stage=st.zero_stage,
+        sharding=st.sharding,
+        gathered=gathered,
+        buffers=buffers,
         gradient_checkpointing=st.checkpointing,
         trainable_params=n_train,
         weights=weights,
@@ -679,6 +756,15 @@ def estimate_memory(
         activations_without_checkpointing=without,
         notes=notes,
     )
+
+
+def compare_sharding(
+    cfg: Config, stage: Stage, *, device: Device | None = None, shape: ModelShape | None = None
+) -> dict[str, MemoryEstimate]:
+    """The per-process estimate of `stage` under each of ddp, fsdp, zero2 and zero3 at the configured
+    world size (the configured choice as configured, e.g. with its DeepSpeed JSON's offload)."""
+    shape = shape or ModelShape.from_config(cfg)
+    return {k: estimate_memory(cfg, stage, device=device, shape=shape, shard=k) for k in SHARDINGS}
 
 
 def starting_batch(

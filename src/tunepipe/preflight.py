@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import sharding
 from .config import PREPARED_SETS, Config
 from .modeling import BNB_INSTALL
 
@@ -80,8 +81,15 @@ def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str
         ]
         if cfg.model.load_in_4bit:
             need.append(("bitsandbytes", "model.load_in_4bit (QLoRA)", QLORA_FIX))
-        if cfg.hardware.deepspeed:
-            need.append(("deepspeed", "hardware.deepspeed", "pip install -e '.[deepspeed]'"))
+        r = sharding.resolve(cfg)
+        if r.kind == "deepspeed":
+            need.append(
+                (
+                    "deepspeed",
+                    f"DeepSpeed ZeRO-{r.zero_stage} ({r.source})",
+                    "pip install -e '.[deepspeed]', or hardware.sharding: ddp / fsdp",
+                )
+            )
         if cfg.model.attn_implementation == "flash_attention_2":
             need.append(
                 (
@@ -415,9 +423,16 @@ def disk_check(cfg: Config, run_dir: Path, stages: list[str]) -> Check:
     return Check("disk", "ok", detail)
 
 
+def sharding_checks(cfg: Config, stages: list[str]) -> list[Check]:
+    """hardware.sharding combinations that cannot train (sharding.check), when a training stage runs."""
+    if not any(s in stages for s in TRAINING_STAGES):
+        return []
+    return [_blocker("sharding", p, p.partition("; ")[2] or p) for p in sharding.check(cfg)]
+
+
 def preflight_checks(cfg: Config, stages: list[str], run_dir: Path, *, create: bool = True) -> list[Check]:
     """Every preflight check for running `stages` into `run_dir`."""
-    checks = [*package_checks(cfg, stages)]
+    checks = [*package_checks(cfg, stages), *sharding_checks(cfg, stages)]
     if (qlora := qlora_cpu_check(cfg, stages)) is not None:
         checks.append(qlora)
     if any(s in stages for s in ("data", *TRAINING_STAGES, "eval")):

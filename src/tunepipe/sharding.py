@@ -280,8 +280,8 @@ def trainer_kwargs(
 
 
 def check(cfg: Config) -> list[str]:
-    """Combinations that cannot train, each with its fix (config validation, doctor and preflight call
-    this; an empty list = none)."""
+    """Combinations that cannot train, each as "<problem>; <fix>" (config validation, doctor and
+    preflight call this; an empty list = none)."""
     hw, problems = cfg.hardware, []
     explicit = "sharding" in hw.model_fields_set
     if hw.deepspeed:
@@ -291,8 +291,8 @@ def check(cfg: Config) -> list[str]:
             problems.append(str(e))
         if explicit and hw.sharding in ("ddp", "fsdp"):
             problems.append(
-                f"hardware.deepspeed is set but hardware.sharding is {hw.sharding}: the DeepSpeed JSON "
-                "runs only with ZeRO; set hardware.sharding: zero2 or zero3 (its stage), or remove "
+                f"hardware.deepspeed is set but hardware.sharding is {hw.sharding} (a DeepSpeed JSON runs "
+                "only with ZeRO); set hardware.sharding: zero2 or zero3 (its stage), or remove "
                 "hardware.deepspeed"
             )
     r = resolve(cfg)
@@ -301,16 +301,16 @@ def check(cfg: Config) -> list[str]:
     if cfg.model.load_in_4bit and shards_weights:
         if cfg.model.bnb_4bit_quant_storage != "bfloat16":
             problems.append(
-                f"QLoRA (model.load_in_4bit) with {engine} ({r.source}) needs "
-                "model.bnb_4bit_quant_storage: bfloat16 (4-bit weights packed into bf16 tensors, which "
-                f"{engine} can shard); or hardware.sharding: ddp / zero2, which keep a whole 4-bit copy "
-                "per GPU"
+                f"QLoRA (model.load_in_4bit) with {engine} ({r.source}) cannot shard 4-bit weights stored "
+                "as uint8; set model.bnb_4bit_quant_storage: bfloat16 (4-bit weights packed into bf16 "
+                f"tensors, which {engine} shards), or hardware.sharding: ddp / zero2 (a whole 4-bit copy "
+                "per GPU)"
             )
         if r.kind == "fsdp" and cfg.model.dtype in ("float16", "float32"):
             problems.append(
-                f"QLoRA with FSDP needs the weights in bfloat16 like the 4-bit storage (FSDP shards "
-                f"tensors of one dtype together), but model.dtype is {cfg.model.dtype}; set "
-                "model.dtype: bfloat16 (or auto on a bf16 GPU)"
+                "QLoRA with FSDP needs the weights in bfloat16 like the 4-bit storage (FSDP shards tensors "
+                f"of one dtype together), but model.dtype is {cfg.model.dtype}; set model.dtype: bfloat16 "
+                "(or auto on a bf16 GPU)"
             )
     return problems
 
