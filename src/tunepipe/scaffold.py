@@ -7,8 +7,10 @@ new project starts with.
     README.md                   the brief and the stage checklist, each stage with its command and gate
     data/                       sample files, one per format the config uses (unless the brief names data)
     requirements.txt            the ML stack pinned to the versions installed now
-    configs/accelerate.yaml     a launch config for the declared GPU count (CPU, one GPU or DDP)
-    configs/accelerate_zero*.yaml, configs/deepspeed_zero*.json    DeepSpeed, when gpus > 1
+    configs/accelerate.yaml     an `accelerate launch` config matching hardware.sharding (CPU, one GPU,
+                                DDP, FSDP2 or DeepSpeed), for those who launch it themselves
+    configs/deepspeed_zero*.json    the DeepSpeed config, when hardware.sharding is zero2 or zero3
+    slurm.sbatch                a Slurm batch job for the brief's nodes and GPUs (GPU briefs)
 
 Nothing here imports torch unless GPU detection is asked for (`default_brief(detect_hardware=True)`);
 the generated config is loaded with `load_config` by the tests, so what `init` writes cannot rot.
@@ -29,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from . import sharding as _sharding
 from .config import parse_duration
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -60,43 +63,19 @@ PINNED = ["torch", "transformers", "trl", "peft", "datasets", "accelerate", "tun
 
 # The same files as configs/deepspeed/zero{2,3}.json in the repository (a test keeps them equal):
 # batch, accumulation and precision are "auto", i.e. taken from the tunepipe config at launch.
-DEEPSPEED = {
-    2: {
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-        "zero_optimization": {
-            "stage": 2,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": "auto",
-            "allgather_bucket_size": 5e8,
-        },
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-    },
-    3: {
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-        "zero_optimization": {
-            "stage": 3,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-            "reduce_bucket_size": "auto",
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            "stage3_gather_16bit_weights_on_model_save": True,
-        },
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-    },
-}
+DEEPSPEED = _sharding.DEEPSPEED
 
 # Sample data sizes: enough for a few real steps and a readable eval, small enough to read by eye.
-LAUNCH = "accelerate launch --config_file configs/accelerate.yaml -m tunepipe train tunepipe.yaml --stage"
+# One command on one GPU, many GPUs (tunepipe starts the processes itself) and many nodes (the same
+# command on each node, or the Slurm job).
+RUN = "tunepipe run tunepipe.yaml"
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
+SHARDING_TEXT = {
+    "ddp": "a whole copy of the model on each GPU",
+    "fsdp": "FSDP2: weights, gradients and optimizer state sharded over the GPUs",
+    "zero2": "DeepSpeed ZeRO-2: optimizer state and gradients sharded",
+    "zero3": "DeepSpeed ZeRO-3: weights sharded too",
+}
 
 SAMPLE_SIZES = {"n_sft_train": 64, "n_sft_eval": 16, "n_dpo_train": 32, "n_dpo_eval": 16}
 
@@ -116,6 +95,7 @@ class Brief:
     goal: str = "teach the base model our task format (SFT), then prefer the better answers (DPO)"
     gpu_type: str = "cpu"  # a key of GPU_TYPES, any other GPU name, or "cpu"
     gpus: int = 0  # per machine; 0 = CPU
+    nodes: int = 1  # machines; each runs the same `tunepipe run` (or one Slurm job over all of them)
     gpu_memory_gb: float | None = None  # None = from GPU_TYPES
     time_limit: str = "30m"  # the whole `tunepipe run`
     base_model: str = EMBEDDED_MODEL  # the embedded alias, a hub id or a local folder
@@ -125,6 +105,8 @@ class Brief:
     dpo_data: list[str] = field(default_factory=list)
     benchmarks: list[str] = field(default_factory=list)  # lm-eval task names
     qlora: bool | None = None  # None = on for models of 3B+ parameters on a GPU, off on CPU
+    # ddp | fsdp | zero2 | zero3; None = ddp, or fsdp when bf16 weights take over half of a GPU
+    sharding: str | None = None
 
     def __post_init__(self) -> None:
         self.name = self.name.strip()
@@ -132,6 +114,8 @@ class Brief:
             raise ScaffoldError("the project name is empty")
         if self.gpus < 0:
             raise ScaffoldError(f"gpus must be 0 (CPU) or more, got {self.gpus}")
+        if self.nodes < 1:
+            raise ScaffoldError(f"nodes must be 1 or more, got {self.nodes}")
         if self.gpus == 0:
             self.gpu_type = "cpu"
         elif self.gpu_type.lower() == "cpu":
@@ -157,6 +141,11 @@ class Brief:
             raise ScaffoldError("the base model is empty; the embedded default is " + EMBEDDED_MODEL)
         if self.qlora is None:
             self.qlora = auto_qlora(self.gpus, self.base_model)
+        if self.sharding is None:
+            self.sharding = auto_sharding(self)
+        self.sharding = self.sharding.strip().lower()
+        if self.sharding not in SHARDINGS:
+            raise ScaffoldError(f"sharding {self.sharding!r}: choose one of {', '.join(SHARDINGS)}")
 
     @property
     def cpu(self) -> bool:
@@ -167,11 +156,17 @@ class Brief:
         return GPU_TYPES.get(_gpu_key(self.gpu_type), (0, True))[1]
 
     @property
+    def processes(self) -> int:
+        """Training processes of the whole run: one per GPU on every node (1 on CPU)."""
+        return max(self.gpus, 1) * self.nodes
+
+    @property
     def hardware_text(self) -> str:
         if self.cpu:
             return "CPU only"
         mem = f" {self.gpu_memory_gb:g} GB" if self.gpu_memory_gb else ""
-        return f"{self.gpus} × {self.gpu_type}{mem}"
+        nodes = f" per node × {self.nodes} nodes" if self.nodes > 1 else ""
+        return f"{self.gpus} × {self.gpu_type}{mem}{nodes}"
 
 
 def _gpu_key(gpu_type: str) -> str:
@@ -211,6 +206,16 @@ def estimate_params_billion(model: str) -> float | None:
 def auto_qlora(gpus: int, base_model: str) -> bool:
     params = estimate_params_billion(base_model)
     return gpus > 0 and params is not None and params >= QLORA_FROM_BILLION_PARAMS
+
+
+def auto_sharding(brief: Brief) -> str:
+    """ddp unless the bf16 weights take over half of a GPU (then fsdp: FSDP2 shards them, with no
+    package beyond torch); one process has nothing to shard."""
+    if brief.processes < 2:
+        return "ddp"
+    params = estimate_params_billion(brief.base_model) or 0.0
+    big = not brief.qlora and brief.gpu_memory_gb is not None and 2 * params > 0.5 * brief.gpu_memory_gb
+    return "fsdp" if big else "ddp"
 
 
 def detect_gpus() -> tuple[str, int, float | None]:
@@ -309,6 +314,7 @@ BRIEF_QUESTIONS: list[Question] = [
     Question("goal", "Goal (one sentence: what should the model do better?)", str, str.strip),
     Question("gpu_type", "GPU type (H100, A100, L40S, ... or cpu)", str, str.strip),
     Question("gpus", "GPUs per machine (0 = CPU)", str, _int, lambda b: not b.cpu),
+    Question("nodes", "Machines (nodes; each runs the same command)", str, _int, lambda b: not b.cpu),
     Question(
         "gpu_memory_gb",
         "Memory per GPU in GB",
@@ -340,6 +346,13 @@ BRIEF_QUESTIONS: list[Question] = [
         lambda v: "y" if v else "n",
         _yes_no,
         lambda b: not b.cpu,
+    ),
+    Question(
+        "sharding",
+        "Sharding over the GPUs (ddp, fsdp, zero2, zero3)",
+        str,
+        str.strip,
+        lambda b: b.processes > 1,
     ),
 ]
 
@@ -373,6 +386,8 @@ def brief_with(defaults: Brief, **changes: Any) -> Brief:
     )
     if defaults.qlora == auto_qlora(defaults.gpus, defaults.base_model):
         values["qlora"] = None
+    if defaults.sharding == auto_sharding(defaults):
+        values["sharding"] = None  # not chosen: follows the model, GPUs and nodes
     for name in names:
         if changes.get(name) is not None:
             before = dict(values)
@@ -389,6 +404,8 @@ def ask_brief(defaults: Brief, ask: Callable[[str, str], str], *, tries: int = 3
     memory_given = defaults.gpu_memory_gb != _gpu_memory(defaults.gpu_type)
     if defaults.qlora == auto_qlora(defaults.gpus, defaults.base_model):
         values["qlora"] = None  # not chosen: follows the model and GPU answers
+    if defaults.sharding == auto_sharding(defaults):
+        values["sharding"] = None  # not chosen: follows the model, GPU and node answers
     for q in BRIEF_QUESTIONS:
         current = Brief(**values)
         if not q.asked(current):
@@ -506,7 +523,7 @@ def _sizing(brief: Brief) -> _Sizing:
             2,
             "more epochs fit the format harder and risk forgetting",
             batch=2,
-            accum=max(1, 64 // (2 * brief.gpus)),
+            accum=max(1, 64 // (2 * brief.processes)),
             lr=2e-4,
             lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
         ),
@@ -515,7 +532,7 @@ def _sizing(brief: Brief) -> _Sizing:
             1,
             "DPO overfits preferences quickly; one epoch is the norm",
             batch=1,
-            accum=max(1, 64 // brief.gpus),
+            accum=max(1, 64 // brief.processes),
             lr=5e-6,
             lr_comment="low: DPO moves the policy fast",
         ),
@@ -577,10 +594,15 @@ def _header(brief: Brief) -> str:
         "# Then the real run; run the same command again to resume after a crash or a time-limit stop:",
         "#   tunepipe run tunepipe.yaml",
     ]
-    if brief.gpus > 1:
+    if brief.processes > 1:
+        lines.append(
+            f"# On {brief.gpus} GPUs tunepipe starts one training process per GPU itself "
+            f"(hardware.sharding: {brief.sharding})."
+        )
+    if brief.nodes > 1:
         lines += [
-            f"# On {brief.gpus} GPUs the training stages go through accelerate (see README.md):",
-            f"#   {LAUNCH} sft",
+            f"# On {brief.nodes} nodes: the same command on each (--node-rank N --master-addr HOST), or",
+            "#   sbatch slurm.sbatch",
         ]
     lines += [
         "# Any key can be overridden on the command line: tunepipe run tunepipe.yaml sft.learning_rate=1e-4",
@@ -605,16 +627,33 @@ def _project_section(brief: Brief) -> str:
     )
 
 
-def _hardware_section(brief: Brief, zero: int | None) -> str:
+def _hardware_section(brief: Brief) -> str:
     lines = ["hardware:"]
     if brief.cpu:
         lines.append(_kv(1, "gpus", "0", "planned for CPU: fp32 weights, small micro-batches are fine"))
+        lines.append(_kv(1, "# processes", "2", "N processes over gloo (DDP on CPU); default 1"))
     else:
-        lines.append(_kv(1, "gpus", str(brief.gpus), f"{brief.gpu_type} per machine"))
+        lines.append(_kv(1, "gpus", str(brief.gpus), f"{brief.gpu_type} per machine: one process each"))
         if brief.gpu_memory_gb:
             lines.append(
                 _kv(1, "gpu_memory_gb", _scalar(float(brief.gpu_memory_gb)), "per GPU; for the plan")
             )
+    lines.append(
+        _kv(1, "nodes", str(brief.nodes), "machines; each runs the same command (or: sbatch slurm.sbatch)")
+    )
+    lines.append(
+        _kv(1, "sharding", brief.sharding, "ddp | fsdp | zero2 | zero3: " + SHARDING_TEXT[brief.sharding])
+    )
+    zero = _zero_stage(brief)
+    if zero:
+        lines.append(
+            _kv(
+                1,
+                "# deepspeed",
+                f"configs/deepspeed_zero{zero}.json",
+                "set it to train with your edits of this JSON (else the same config is generated)",
+            )
+        )
     lines.append(
         _kv(
             1,
@@ -623,15 +662,6 @@ def _hardware_section(brief: Brief, zero: int | None) -> str:
             "one `tunepipe run`; at the limit: checkpoint, exit 75",
         )
     )
-    if zero:
-        lines.append(
-            _kv(
-                1,
-                "# deepspeed",
-                f"configs/deepspeed_zero{zero}.json",
-                f"set it when launching with configs/accelerate_zero{zero}.yaml",
-            )
-        )
     return "\n".join(lines)
 
 
@@ -652,6 +682,18 @@ def _model_section(brief: Brief) -> str:
             "QLoRA: NF4 base, ~1/4 of bf16 memory, slower steps (GPU or CPU)"
             if brief.qlora
             else "true for QLoRA: a 4-bit base, less memory, slower steps (GPU or CPU)",
+        ),
+        *(
+            [
+                _kv(
+                    1,
+                    "bnb_4bit_quant_storage",
+                    "bfloat16",
+                    f"4-bit weights in bf16 tensors: {brief.sharding} shards them",
+                )
+            ]
+            if brief.qlora and brief.sharding in ("fsdp", "zero3")
+            else []
         ),
         _kv(1, "trust_remote_code", "false", "runs code from the model repo: only for models you trust"),
         _kv(
@@ -729,7 +771,7 @@ def _training_section(sizing: _Sizing) -> str:
 def _training_stage_section(brief: Brief, stage: str, s: _Stage) -> str:
     enabled = stage in brief.methods
     method = "qlora" if brief.qlora else "lora"
-    eff = s.batch * s.accum * max(1, brief.gpus)
+    eff = s.batch * s.accum * brief.processes
     lines = [f"{stage}:"]
     lines.append(
         _kv(
@@ -755,7 +797,7 @@ def _training_stage_section(brief: Brief, stage: str, s: _Stage) -> str:
             "gradient_accumulation_steps",
             str(s.accum),
             f"effective batch {s.batch} x {s.accum}"
-            + (f" x {brief.gpus} GPUs" if brief.gpus > 1 else "")
+            + (f" x {brief.processes} GPUs" if brief.processes > 1 else "")
             + f" = {eff}",
         ),
         _kv(
@@ -841,7 +883,7 @@ def render_config(brief: Brief, dest: Path) -> str:
     sections = [
         _header(brief),
         _project_section(brief),
-        _hardware_section(brief, _zero_stage(brief)),
+        _hardware_section(brief),
         _model_section(brief),
         _data_section(brief, dest, sizing),
         _training_section(sizing),
@@ -871,54 +913,125 @@ def _source_ref(path: str, dest: Path) -> str:
 
 
 def _zero_stage(brief: Brief) -> int | None:
-    """ZeRO-2 shards optimizer state and gradients (enough for LoRA/QLoRA); ZeRO-3 also shards the
-    weights, needed only when bf16 weights take over half of a GPU."""
-    if brief.gpus < 2:
-        return None
-    params = estimate_params_billion(brief.base_model) or 0.0
-    big = not brief.qlora and brief.gpu_memory_gb is not None and 2 * params > 0.5 * brief.gpu_memory_gb
-    return 3 if big else 2
+    """The DeepSpeed ZeRO stage hardware.sharding names (None for ddp and fsdp)."""
+    return int(brief.sharding[-1]) if brief.sharding and brief.sharding.startswith("zero") else None
 
 
-def render_accelerate(brief: Brief, zero: int | None = None) -> str:
-    """An accelerate launch config: CPU, one GPU, DDP on every GPU, or DeepSpeed ZeRO-`zero`."""
+def _layer_classes(brief: Brief) -> list[str]:
+    """The decoder-layer class FSDP wraps, as the training stage will find it (from the model's config
+    where it is here, else by the model's family); [] = accelerate takes the model's own list."""
+    from .config import load_config
+
+    try:
+        return _sharding.decoder_layer_classes(load_config(None, [f"model.name_or_path={brief.base_model}"]))[
+            0
+        ]
+    except Exception:  # a model name that does not even make a config: leave wrapping to accelerate
+        return []
+
+
+def render_accelerate(brief: Brief) -> str:
+    """An `accelerate launch` config matching hardware.sharding (CPU, one GPU, DDP, FSDP2 or DeepSpeed
+    ZeRO), for those who launch the stages themselves: `tunepipe run` needs none."""
     precision = "bf16" if brief.bf16 else "fp16"
+    zero = _zero_stage(brief)
+    launch = (
+        "#   accelerate launch --config_file configs/accelerate.yaml -m tunepipe train tunepipe.yaml "
+        "--stage sft"
+    )
+    head = [
+        f"# `{RUN}` starts its processes itself and needs no launcher: this file is",
+        "# for `accelerate launch` users only (it says what tunepipe.yaml says). From this folder:",
+        launch,
+    ]
     if brief.cpu:
-        head = [
-            "# CPU, one process. `tunepipe run` needs no launcher; this is for `accelerate launch` users."
-        ]
+        head[0] = f"# CPU, one process. {RUN} needs no launcher: this file is for `accelerate launch` users."
         body = {"distributed_type": "'NO'", "num_processes": 1, "mixed_precision": "'no'", "use_cpu": "true"}
+    elif brief.processes < 2:
+        body = {"distributed_type": "'NO'", "num_processes": 1, "mixed_precision": precision}
     elif zero:
-        head = [
-            f"# DeepSpeed ZeRO-{zero} on {brief.gpus} GPUs; run from this folder:",
-            "#   " + LAUNCH.replace("accelerate.yaml", f"accelerate_zero{zero}.yaml") + " sft",
-            f"# and set hardware.deepspeed: configs/deepspeed_zero{zero}.json in tunepipe.yaml.",
-        ]
-        body = {"distributed_type": "DEEPSPEED", "num_processes": brief.gpus, "mixed_precision": precision}
-    else:
-        kind = "DDP" if brief.gpus > 1 else "one GPU"
-        head = [
-            f"# {kind}: one process per GPU ({brief.gpus}); run from this folder:",
-            f"#   {LAUNCH} sft",
-        ]
         body = {
-            "distributed_type": "MULTI_GPU" if brief.gpus > 1 else "'NO'",
-            "num_processes": brief.gpus,
+            "distributed_type": "DEEPSPEED",
+            "num_processes": brief.processes,
+            "mixed_precision": precision,
+        }
+    elif brief.sharding == "fsdp":
+        body = {"distributed_type": "FSDP", "num_processes": brief.processes, "mixed_precision": precision}
+    else:
+        body = {
+            "distributed_type": "MULTI_GPU",
+            "num_processes": brief.processes,
             "mixed_precision": precision,
         }
     lines = [*head, "compute_environment: LOCAL_MACHINE", f"distributed_type: {body['distributed_type']}"]
-    if zero:
+    if zero and brief.processes > 1:
         lines += [
             "deepspeed_config:",
             f"  deepspeed_config_file: configs/deepspeed_zero{zero}.json",
             f"  zero3_init_flag: {'true' if zero == 3 else 'false'}",
         ]
-    lines += [
-        "num_machines: 1",
-        f"num_processes: {body['num_processes']}",
-        "machine_rank: 0",
-        f"mixed_precision: {body['mixed_precision']}",
-        f"use_cpu: {body.get('use_cpu', 'false')}",
+    if body["distributed_type"] == "FSDP":
+        layers = _layer_classes(brief)
+        lines += [
+            "fsdp_config:",  # the keys of `accelerate launch --fsdp_*`; the same as tunepipe's fsdp_config
+            "  fsdp_version: 2",
+            "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+            *([f"  fsdp_transformer_layer_cls_to_wrap: {','.join(layers)}"] if layers else []),
+            "  fsdp_reshard_after_forward: true",
+            "  fsdp_state_dict_type: FULL_STATE_DICT",
+            "  fsdp_cpu_ram_efficient_loading: false",
+            "  fsdp_activation_checkpointing: false",
+        ]
+    lines += [f"num_machines: {brief.nodes}", f"num_processes: {body['num_processes']}", "machine_rank: 0"]
+    if brief.nodes > 1:
+        lines += [
+            "# every node: the same file with its own machine_rank (0 on the main node), and",
+            "# main_process_ip: the main node's address",
+            "main_process_port: 29500",
+        ]
+    lines += [f"mixed_precision: {body['mixed_precision']}", f"use_cpu: {body.get('use_cpu', 'false')}"]
+    return "\n".join(lines) + "\n"
+
+
+def _slurm_time(time_limit: str) -> str:
+    """hardware.time_limit plus 15 minutes (tunepipe stops itself at its limit with a checkpoint; the
+    margin covers start-up and the last save), as Slurm's D-HH:MM:SS."""
+    total = int(parse_duration(time_limit)) + SLURM_MARGIN_S
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}-{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+SLURM_MARGIN_S = 15 * 60
+CPUS_PER_GPU = 8
+
+
+def render_slurm(brief: Brief) -> str:
+    """A Slurm batch job: one task per node, each running `tunepipe run tunepipe.yaml`; tunepipe reads
+    SLURM_NODEID, SLURM_NNODES and SLURM_JOB_NODELIST for its node rank and the main node's address."""
+    gpus = max(brief.gpus, 1)
+    lines = [
+        "#!/bin/bash",
+        f"# {brief.name}: {brief.nodes} node(s) x {brief.gpus} {brief.gpu_type} GPU(s), "
+        f"hardware.sharding: {brief.sharding}. From this folder:",
+        "#   sbatch slurm.sbatch",
+        f"# One `{RUN}` per node: it starts one training process per GPU itself",
+        "# and reads SLURM_NODEID, SLURM_NNODES and SLURM_JOB_NODELIST for its node rank and the main",
+        "# node's address.",
+        "# Every node must see this folder (code, data, run folder) on a shared filesystem.",
+        "# At hardware.time_limit tunepipe saves a checkpoint and exits 75: submit the same job again to",
+        "# resume (sbatch --dependency=afterany:<job id> slurm.sbatch queues it behind this one).",
+        f"#SBATCH --job-name={_slug(brief.name)}",
+        f"#SBATCH --nodes={brief.nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus}",
+        f"#SBATCH --cpus-per-task={CPUS_PER_GPU * gpus}",
+        f"#SBATCH --time={_slurm_time(brief.time_limit)}",
+        "#SBATCH --output=slurm-%j.out",
+        "",
+        "set -euo pipefail",
+        'cd "${SLURM_SUBMIT_DIR:-.}"',
+        f"srun --kill-on-bad-exit=1 {RUN}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -979,7 +1092,7 @@ def render_requirements(brief: Brief) -> str:
     if brief.qlora:
         pin("bitsandbytes", "QLoRA: 4-bit base weights (CUDA or CPU)")
     if _zero_stage(brief):
-        pin("deepspeed", "the ZeRO configs in configs/")
+        pin("deepspeed", f"hardware.sharding: {brief.sharding}")
     if brief.benchmarks:
         pin("lm-eval", "benchmarks: " + ", ".join(brief.benchmarks))
     return "\n".join(lines) + "\n"
@@ -1006,8 +1119,8 @@ def _stage_rows(brief: Brief, run_dir: str) -> list[tuple[str, str, str]]:
         ),
     ]
     train = "`tunepipe train tunepipe.yaml --stage {0}`"
-    if brief.gpus > 1:
-        train = f"`{LAUNCH} {{0}}`"
+    if brief.processes > 1:  # one command: it launches the processes (and follows the other nodes)
+        train = f"`{RUN}` ({{0}} on {brief.processes} GPUs)"
     for stage in brief.methods:
         rows.append(
             (
@@ -1083,27 +1196,45 @@ def render_readme(brief: Brief, dest: Path) -> str:
         if not (brief.sft_data and brief.dpo_data)
         else "- `data/` — put project data here (the config points at the brief's data)",
         "- `requirements.txt` — the packages pinned to the versions `tunepipe init` found",
-        f"- `configs/accelerate.yaml` — launch config for {brief.hardware_text}",
+        f"- `configs/accelerate.yaml` — an `accelerate launch` config for {brief.hardware_text} "
+        f"(hardware.sharding: {brief.sharding}); `{RUN}` needs none",
     ]
     zero = _zero_stage(brief)
     if zero:
         out.append(
-            f"- `configs/accelerate_zero{zero}.yaml`, `configs/deepspeed_zero{zero}.json` — "
-            f"DeepSpeed ZeRO-{zero}, when DDP runs out of memory"
+            f"- `configs/deepspeed_zero{zero}.json` — the DeepSpeed ZeRO-{zero} config tunepipe generates; "
+            "set hardware.deepspeed to it to train with your edits"
         )
-    if brief.gpus > 1:
+    if not brief.cpu:
+        out.append(f"- `slurm.sbatch` — a Slurm job for {brief.nodes} node(s) × {brief.gpus} GPU(s)")
+    if brief.processes > 1:
         out += [
             "",
-            f"## On {brief.gpus} GPUs",
+            f"## On {brief.hardware_text}",
             "",
-            "Prepare the data once, then launch each training stage with one process per GPU:",
-            "",
-            "```bash",
-            "tunepipe data tunepipe.yaml",
-            *(f"{LAUNCH} {stage}" for stage in brief.methods),
-            "tunepipe eval tunepipe.yaml && tunepipe report tunepipe.yaml",
-            "```",
+            f"One command everywhere: `{RUN}` starts one training process per GPU itself and shards the",
+            f"model as `hardware.sharding` says ({brief.sharding}: {SHARDING_TEXT[brief.sharding]}).",
+            "`tunepipe doctor tunepipe.yaml` shows the memory per GPU under each choice (ddp, fsdp, zero2, "
+            "zero3).",
         ]
+        if brief.nodes > 1:
+            out += [
+                "",
+                f"On {brief.nodes} nodes run the same command on each, with its node rank and the main "
+                "node's address (the run folder on a filesystem they all see):",
+                "",
+                "```bash",
+                f"{RUN} --node-rank 0 --master-addr HOST --master-port 29500   # on the main node (HOST)",
+                *(
+                    f"{RUN} --node-rank {r} --master-addr HOST --master-port 29500"
+                    for r in range(1, min(brief.nodes, 3))
+                ),
+                *(["# ... up to --node-rank " + str(brief.nodes - 1)] if brief.nodes > 3 else []),
+                "```",
+                "",
+                "or under Slurm `sbatch slurm.sbatch`: one task per node, node rank and address from the "
+                "job.",
+            ]
     return "\n".join(out) + "\n"
 
 
@@ -1159,8 +1290,9 @@ def scaffold(dest: Path, brief: Brief, *, overwrite: bool = False) -> list[Path]
     write("configs/accelerate.yaml", render_accelerate(brief))
     zero = _zero_stage(brief)
     if zero:
-        write(f"configs/accelerate_zero{zero}.yaml", render_accelerate(brief, zero))
         write(f"configs/deepspeed_zero{zero}.json", json.dumps(DEEPSPEED[zero], indent=2) + "\n")
+    if not brief.cpu:
+        write("slurm.sbatch", render_slurm(brief))
     written += _write_samples(dest / "data", brief)
     return written
 
