@@ -273,3 +273,25 @@ def test_two_nodes_run_one_group_and_a_node_without_the_run_folder_is_named(proj
     out1, err1 = follower.communicate(timeout=120)
     assert follower.returncode == 2 and "node 1 cannot see node 0's run folder" in err1, err1[-2000:]
     assert leader.returncode == 2 and "node 1 cannot see node 0's run folder" in err0, err0[-2000:]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_fsdp_through_tunepipe_run_shards_and_saves_the_adapter(project: Path) -> None:
+    """hardware.sharding: fsdp on 2 CPU processes: FSDP2 really wraps the model (accelerate alone
+    would train DDP on CPU), and the final save gathers the sharded adapter on every rank."""
+    from safetensors.torch import load_file
+
+    assert _tp("data", str(project), "--smoke").returncode == 0
+    r = _tp(
+        "train", str(project), "--stage", "sft", "--smoke", "hardware.processes=2", "hardware.sharding=fsdp"
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = project.parent / "runs" / "test-smoke"
+    assert "sft: 2 processes, FSDP2" in (run / "logs" / "sft.log").read_text()
+    b = [
+        t
+        for k, t in load_file(str(run / "sft" / "adapter" / "adapter_model.safetensors")).items()
+        if "lora_B" in k
+    ]
+    assert b and all(t.abs().sum() > 0 for t in b)

@@ -454,12 +454,21 @@ def init(
         str | None, typer.Option(help="lm-evaluation-harness task names, e.g. gsm8k,ifeval (default none)")
     ] = None,
     qlora: Annotated[
-        bool | None, typer.Option("--qlora/--no-qlora", help="default: on for 3B+ models on a GPU")
+        bool | None,
+        typer.Option("--qlora/--no-qlora", help="default: on for 3B+ models on a GPU (works on CPU too)"),
+    ] = None,
+    nodes: Annotated[
+        int | None, typer.Option(help="machines the run spans (default 1; GPUs get a Slurm script)")
+    ] = None,
+    sharding: Annotated[
+        str | None,
+        typer.Option(help="ddp, fsdp, zero2 or zero3 (default: ddp, fsdp when the weights fill a GPU)"),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="write into a folder that is not empty")] = False,
 ) -> None:
     """Start a project: tunepipe.yaml (every section, commented), README.md with the brief and the
-    stage checklist, sample data, a pinned requirements.txt and accelerate/DeepSpeed configs.
+    stage checklist, sample data, a pinned requirements.txt, accelerate/DeepSpeed configs and, for
+    GPUs, slurm.sbatch (one `tunepipe run` per node).
 
     Asks for the brief unless --yes; flags answer questions ahead of time. Then:
     tunepipe run DIR/tunepipe.yaml --smoke
@@ -490,6 +499,8 @@ def init(
             dpo_data=paths["dpo"] or None,
             benchmarks=split_list(benchmarks) if benchmarks is not None else None,
             qlora=qlora,
+            nodes=nodes,
+            sharding=sharding,
         )
         if not yes:
             brief = ask_brief(brief, lambda q, d: typer.prompt(q, default=d))

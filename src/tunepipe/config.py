@@ -8,7 +8,6 @@ directory of the config file, so a project folder can be moved or run from anywh
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -549,7 +548,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg._base_dir = base
     cfg._source = source
     cfg._overrides = overrides
-    _check_deepspeed(cfg)
+    from . import sharding  # the rules read hardware.deepspeed's JSON, relative to the config's folder
+
+    problems = sharding.check(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{cfg.source}: {p}" for p in problems))
     return cfg
 
 
@@ -568,24 +571,6 @@ def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> str:
     return f"{path}:{mark.line + 1}: not valid YAML: {detail}" + (
         f"\n  {mark.line + 1} | {shown}" if shown else ""
     )
-
-
-def _check_deepspeed(cfg: Config) -> None:
-    """Known-bad combinations with the declared DeepSpeed config, with the fix in the message."""
-    if not cfg.hardware.deepspeed:
-        return
-    path = cfg.path(cfg.hardware.deepspeed)
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{cfg.source}: hardware.deepspeed: cannot read {path}: {e}") from None
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3 and cfg.model.load_in_4bit and cfg.model.bnb_4bit_quant_storage != "bfloat16":
-        raise ConfigError(
-            f"{cfg.source}: QLoRA (model.load_in_4bit) with ZeRO-3 ({path.name}) needs "
-            "model.bnb_4bit_quant_storage: bfloat16 so the 4-bit weights can be sharded; "
-            "or use ZeRO-2 / plain DDP, which keep a whole 4-bit copy per GPU"
-        )
 
 
 def dump_resolved(cfg: Config) -> str:

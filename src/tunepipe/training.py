@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import sharding
 from .compat import lm_head_on_loss_positions, sampling_kwargs, warmup_kwargs
 from .config import Config, StageTrainingConfig
 from .console import ConsoleProgress, remove_library_printers
@@ -85,6 +86,9 @@ def trainer_args(
         "disable_tqdm": True,
         # For tokens/s on the console: real tokens, padding not counted (transformers >= 4.56).
         "include_num_input_tokens_seen": "non_padding",
+        # hardware.sharding: FSDP2 / DeepSpeed ZeRO arguments ({} for DDP and one process); last, as
+        # FSDP takes activation checkpointing into its own config.
+        **sharding.trainer_kwargs(cfg, stage, plan.device, world_size(), checkpointing=bool(checkpointing)),
     }
 
 
@@ -150,14 +154,33 @@ def loss_gate(rows: list[dict[str, Any]], require_falling: bool | str) -> list[G
     return gates
 
 
-def save_result(model: Any, stage_dir: Path, stage_cfg: StageTrainingConfig) -> str:
+def save_result(trainer: Any, stage_dir: Path, stage_cfg: StageTrainingConfig) -> str:
     """The stage's result: `adapter/` for LoRA methods, `model/` (whole weights) for full and freeze."""
     name = "adapter" if stage_cfg.method in ("lora", "qlora") else "model"
     other = stage_dir / ("model" if name == "adapter" else "adapter")
     if is_main() and other.exists():
         shutil.rmtree(other)  # a result of another method would be taken for this one
-    save_adapter(model, stage_dir / name)
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        _save_sharded(trainer, stage_dir / name)
+    else:
+        save_adapter(trainer.model, stage_dir / name)
     return f"{stage_dir.name}/{name}"
+
+
+def _save_sharded(trainer: Any, dest: Path) -> None:
+    """FSDP / ZeRO: the weights are spread over the processes, so every process takes part in the
+    save (the trainer gathers them to the main one); the main one writes a temp folder and renames."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    sharding.before_final_save(trainer)
+    trainer.save_model(str(tmp))
+    _barrier()
+    if is_main():
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
 
 
 def save_adapter(model: Any, dest: Path) -> None:
@@ -298,6 +321,7 @@ class Training:
         self.ctx, self.stage, self.stage_dir = ctx, stage, stage_dir
         self.stop = StopRequest(ctx.deadline, SAVE_MARGIN_S, ctx.stop_file)
         self.batch_changes: list[str] = list(ctx.batch_changes)  # a relaunch after OOM carries them
+        self._said_engine = False
         self._prepare()
 
     def _prepare(self) -> None:
@@ -360,11 +384,22 @@ class Training:
             try:
                 # Inside the OOM guard: a DPO trainer precomputing reference log-probs runs the model here.
                 trainer = build(batch, accum)
+                sharding.prepare_trainer(trainer)  # FSDP2 on CPU processes: accelerate alone trains DDP
+                if world_size() > 1 and not self._said_engine:
+                    self._said_engine = True
+                    engine = (
+                        "FSDP2"
+                        if getattr(trainer, "is_fsdp_enabled", False)
+                        else "DeepSpeed"
+                        if getattr(trainer, "is_deepspeed_enabled", False)
+                        else "DDP"
+                    )
+                    self.ctx.log(f"{self.stage}: {world_size()} processes, {engine}")
                 remove_library_printers(trainer)  # ConsoleProgress (in self.callbacks) prints the steps
                 self._check_losses(trainer)
                 if self.resume:
                     self.ctx.log(f"{self.stage}: resuming from {self.resume.name} (step {self.resume_step})")
-                finished = _finished_checkpoint(self.resume, self.ctx.cfg.hardware.sharding)
+                finished = _finished_checkpoint(self.resume, sharding.resolve(self.ctx.cfg).kind)
                 if finished is not None:
                     # Saved at the last step (stopped before the stage finished): the weights are final.
                     # trainer.train would still run one more step before it checks max_steps.

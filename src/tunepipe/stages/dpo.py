@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> StageResult:
     result = training.run(
         build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    saved = save_result(training.trainer.model, out, d)
+    saved = save_result(training.trainer, out, d)
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, False if ctx.smoke else ctx.cfg.training.loss_falling_gate)

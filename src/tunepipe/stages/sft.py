@@ -102,7 +102,7 @@ def run(ctx: StageContext) -> StageResult:
     result = training.run(
         build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
     )
-    saved = save_result(training.trainer.model, out, cfg.sft)
+    saved = save_result(training.trainer, out, cfg.sft)
 
     log_rows = read_log(out / "log.jsonl")
     gates = loss_gate(log_rows, False if ctx.smoke else ctx.cfg.training.loss_falling_gate)
