@@ -135,7 +135,11 @@ def test_qlora_with_zero3_needs_bf16_quant_storage(tmp_path: Path) -> None:
     ds = ROOT / "configs" / "deepspeed"
     qlora = "model: {load_in_4bit: true}\nsft: {method: qlora}\ndpo: {method: qlora}\n"
     path = _write(tmp_path, qlora + f"hardware: {{deepspeed: {ds / 'zero3.json'}}}\n")
-    with pytest.raises(ConfigError, match=r"ZeRO-3 .*bnb_4bit_quant_storage: bfloat16"):
-        load_config(path)
-    assert load_config(path, ["model.bnb_4bit_quant_storage=bfloat16"]).model.load_in_4bit
-    assert load_config(path, [f"hardware.deepspeed={ds / 'zero2.json'}"]).hardware.deepspeed
+    from tunepipe import sharding
+    from tunepipe.preflight import PreflightFailed, require
+
+    # Stopped by the preflight of run/train/eval, before anything runs, with the fix.
+    with pytest.raises(PreflightFailed, match=r"ZeRO-3 .*bnb_4bit_quant_storage: bfloat16"):
+        require(load_config(path), ["sft"], tmp_path / "run")
+    assert not sharding.check(load_config(path, ["model.bnb_4bit_quant_storage=bfloat16"]))
+    assert not sharding.check(load_config(path, [f"hardware.deepspeed={ds / 'zero2.json'}"]))

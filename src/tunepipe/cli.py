@@ -76,6 +76,11 @@ MasterPortOpt = Annotated[
 ]
 
 
+def _nodes(node_rank: int | None, master_addr: str | None, master_port: int | None) -> dict[str, object]:
+    """The several-nodes options of run/train/eval, as run_pipeline takes them."""
+    return {"node_rank": node_rank, "master_addr": master_addr, "master_port": master_port}
+
+
 def _echo(msg: str) -> None:
     console.print(msg, markup=False)
 
@@ -195,9 +200,7 @@ def run(
         from_stage=from_stage,
         force=force,
         verbose=verbose,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
+        **_nodes(node_rank, master_addr, master_port),
     )
 
 
@@ -262,9 +265,7 @@ def train(
         stages=[stage],
         smoke=smoke,
         verbose=verbose,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
+        **_nodes(node_rank, master_addr, master_port),
     )
 
 
@@ -288,9 +289,7 @@ def eval_(
         stages=["eval"],
         smoke=smoke,
         verbose=verbose,
-        node_rank=node_rank,
-        master_addr=master_addr,
-        master_port=master_port,
+        **_nodes(node_rank, master_addr, master_port),
     )
 
 

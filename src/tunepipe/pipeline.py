@@ -43,9 +43,10 @@ MODEL_KEYS = [
     "model.trust_remote_code",
 ]
 TRAIN_MODEL_KEYS = [*MODEL_KEYS, "model.attn_implementation", "model.dtype", "model.load_in_4bit"]
-# How many processes train and how the model is spread: another world size is another effective batch,
-# and a sharded checkpoint (FSDP, ZeRO) does not resume under another engine.
-TRAIN_HARDWARE_KEYS = ["hardware.processes", "hardware.nodes", "hardware.sharding"]
+# How the model is spread over the processes: a sharded checkpoint (FSDP, ZeRO) does not resume under
+# another engine. The number of processes is not an input: a finished stage stays done on another
+# machine (its effective batch was the one it trained with; --force trains again).
+TRAIN_HARDWARE_KEYS = ["hardware.sharding"]
 
 
 @dataclass(frozen=True)

@@ -383,7 +383,7 @@ def prepare_trainer(trainer: Any) -> bool:
     word. torch's FSDP2 runs on CPU over gloo, so mark accelerate's state FSDP with the trainer's own
     plugin; `train()` then wraps the model with `fully_shard`. Returns whether it changed anything
     (False on GPUs, without fsdp, or when accelerate already runs FSDP)."""
-    args = trainer.args
+    args = getattr(trainer, "args", None)
     if getattr(args, "fsdp_plugin_args", None) is None or getattr(trainer, "is_fsdp_enabled", False):
         return False
     from accelerate.state import PartialState
