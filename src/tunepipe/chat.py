@@ -1,9 +1,10 @@
 """`tunepipe chat`: talk to a run's model (the latest trained stage by default) or to a model folder,
 through its chat template, keeping the conversation history.
 
-A config resolves to its run folder: `--stage` picks base, sft or dpo; by default the latest stage
-that has finished (dpo, then sft, then the base model). A folder is a Hugging Face model folder, a
-PEFT adapter folder (its base model is loaded and the adapter applied), or an `export` output.
+A config resolves to its run folder: `--stage` picks base or a trained stage; by default the latest
+stage of `pipeline:` that has finished (e.g. dpo, then sft, then the base model). A folder is a
+Hugging Face model folder, a PEFT adapter folder (its base model is loaded and the adapter
+applied), or an `export` output.
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ def load_from_config(
     from .config import load_config
     from .modeling import load_stage_model, load_tokenizer, plan_for
     from .pipeline import run_dir_for
+    from .stages import registry
 
     cfg = load_config(config, overrides)
     run_dir = run_dir_for(cfg, smoke)
+    models = registry.model_names(cfg)
     if stage is None:
-        stage = next(
-            (s for s in ("dpo", "sft") if getattr(cfg, s).enabled and _stage_done(run_dir, s)), "base"
-        )
+        stage = next((s for s in reversed(models) if s == "base" or _stage_done(run_dir, s)), "base")
+    elif stage not in models:
+        raise ChatError(f"--stage {stage!r}: this config's models are {', '.join(models)}")
     elif stage != "base" and not _stage_done(run_dir, stage):
         raise ChatError(
             f"{run_dir / stage}: the {stage} stage has not finished; "

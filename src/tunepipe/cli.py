@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     help=(
-        "One YAML file, one command: data -> SFT -> DPO -> eval -> report.\n\n"
+        "One YAML file, one command: data -> SFT -> DPO (or GRPO, KTO: `pipeline:`) -> eval -> report.\n\n"
         "Every config value can be overridden as section.key=value after the config path, e.g.\n"
         "  tunepipe run tunepipe.yaml sft.learning_rate=1e-4 sft.max_steps=50\n\n"
         "Exit codes: 0 done, 1 unexpected error, 2 bad config or data, 3 a stage gate failed, "
@@ -167,7 +167,8 @@ def run(
     overrides: Overrides = None,
     smoke: SmokeOpt = False,
     from_stage: Annotated[
-        str | None, typer.Option("--from", help="rerun from this stage on (data, sft, dpo, eval, report)")
+        str | None,
+        typer.Option("--from", help="rerun from this stage on (data, a stage of `pipeline:`, eval, report)"),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="rerun every stage even if up to date")] = False,
     verbose: VerboseOpt = False,
@@ -188,11 +189,6 @@ def run(
     files, the model and the run folder (writable, not overlapping any input, free disk); a problem
     there stops with exit 2 and its fix. One run at a time writes a run folder (a second one exits 2
     naming the first one's PID)."""
-    from .pipeline import ORDER
-
-    if from_stage and from_stage not in ORDER:
-        err_console.print(f"error: --from {from_stage!r}: choose one of {', '.join(ORDER)}")
-        raise typer.Exit(EXIT_BAD_INPUT)
     _run(
         config,
         overrides,
@@ -233,7 +229,12 @@ def _preview(config: Path, overrides: list[str] | None, smoke: bool, n: int) -> 
     cfg = load_config(config, overrides or [])
     data_dir = run_dir_for(cfg, smoke) / "data"
     tok = load_tokenizer(cfg, log=lambda _m: None)
-    splits = {name: read_split(data_dir, name)[:n] for name in ("sft_train", "dpo_train")}
+    from .stages import registry
+
+    splits = {
+        registry.get(s).train_split: read_split(data_dir, registry.get(s).train_split)[:n]
+        for s in registry.trained(cfg)
+    }
     tty = console.is_terminal
     for block in render_preview(tok, splits, n, "bold green" if tty else None, cfg.model.enable_thinking):
         if tty:
@@ -245,7 +246,9 @@ def _preview(config: Path, overrides: list[str] | None, smoke: bool, n: int) -> 
 @app.command()
 def train(
     config: ConfigArg,
-    stage: Annotated[str, typer.Option("--stage", help="sft or dpo")],
+    stage: Annotated[
+        str, typer.Option("--stage", help="a training stage of the config's pipeline: sft, dpo, ...")
+    ],
     overrides: Overrides = None,
     smoke: SmokeOpt = False,
     verbose: VerboseOpt = False,
@@ -253,12 +256,9 @@ def train(
     master_addr: MasterAddrOpt = None,
     master_port: MasterPortOpt = None,
 ) -> None:
-    """Run one training stage (the data stage, and sft before dpo, must be done).
+    """Run one training stage (the data stage, and the stages before it in `pipeline:`, must be done).
 
     Launches one process per GPU (or hardware.processes) itself, like `tunepipe run`."""
-    if stage not in ("sft", "dpo"):
-        err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
-        raise typer.Exit(EXIT_BAD_INPUT)
     _run(
         config,
         overrides,
@@ -279,7 +279,7 @@ def eval_(
     master_addr: MasterAddrOpt = None,
     master_port: MasterPortOpt = None,
 ) -> None:
-    """Evaluate the base, SFT and DPO models; writes eval/metrics.json and eval/samples/.
+    """Evaluate the base model and each trained stage's model; writes eval/metrics.json and eval/samples/.
 
     Each model's sets are split across the processes (one per GPU, or hardware.processes) and
     gathered: the same metrics as one process."""
@@ -346,7 +346,8 @@ def chat(
         str | None, typer.Option("--prompt", "-p", help="one question, print the answer, exit")
     ] = None,
     stage: Annotated[
-        str | None, typer.Option("--stage", help="base, sft or dpo (default: the latest finished stage)")
+        str | None,
+        typer.Option("--stage", help="base or a trained stage, e.g. sft (default: the latest finished)"),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="a system message")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="reply length limit")] = 256,
@@ -356,13 +357,11 @@ def chat(
     """Talk to a model through its chat template; the conversation history is kept.
 
     Interactive by default (/reset clears the history, /exit or Ctrl-D quits); --prompt for one shot.
-    With a config it loads the run's latest finished stage (DPO, else SFT, else the base model).
+    With a config it loads the run's latest finished stage in pipeline order (e.g. DPO, else SFT, else
+    the base model).
     """
     from .chat import ChatError, Conversation, load_from_config, load_from_folder
 
-    if stage not in (None, "base", "sft", "dpo"):
-        err_console.print(f"error: --stage {stage!r}: choose base, sft or dpo", markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         if target.is_dir():
             if overrides:
@@ -399,11 +398,23 @@ def chat(
             console.print(f"model> {conv.ask(text)}", markup=False)
 
 
+def _last_trained(cfg: object) -> str:
+    from .config import ConfigError
+    from .stages import registry
+
+    trained = registry.trained(cfg)  # type: ignore[arg-type]
+    if not trained:
+        raise ConfigError("this config trains no stage (pipeline empty or all disabled): nothing to export")
+    return trained[-1]
+
+
 @app.command()
 def export(
     config: ConfigArg,
     overrides: Overrides = None,
-    stage: Annotated[str, typer.Option("--stage", help="sft or dpo")] = "dpo",
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="a trained stage (default: the last one of `pipeline:`)")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="folder to write (default <output_dir>/export-<stage>)")
     ] = None,
@@ -413,11 +424,9 @@ def export(
     from .export import export_model
     from .pipeline import run_dir_for
 
-    if stage not in ("sft", "dpo"):
-        err_console.print(f"error: --stage {stage!r}: choose sft or dpo")
-        raise typer.Exit(EXIT_BAD_INPUT)
     try:
         cfg = load_config(config, overrides or [])
+        stage = stage or _last_trained(cfg)
         run_dir = run_dir_for(cfg, smoke)
         export_model(cfg, run_dir, stage, out or run_dir / f"export-{stage}", log=_echo)
     except FileNotFoundError as e:

@@ -10,12 +10,18 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .redaction import redact
+
+if TYPE_CHECKING:
+    from .stages.dpo import DPOSection
+    from .stages.grpo import GRPOSection
+    from .stages.kto import KTOSection
+    from .stages.sft import SFTSection
 
 
 class ConfigError(Exception):
@@ -64,9 +70,23 @@ class HardwareConfig(Section):
     deepspeed: str | None = None  # the DeepSpeed JSON you launch with (checked against the model settings)
     time_limit: str | None = None  # e.g. "24h": the whole pipeline, per `tunepipe run`
     # How the time left is shared out among the stages still to run (normalised over those).
-    time_shares: dict[Literal["data", "sft", "dpo", "eval", "report"], float] = Field(
-        default_factory=lambda: {"data": 0.05, "sft": 0.5, "dpo": 0.3, "eval": 0.12, "report": 0.03}
-    )
+    # Default: data 0.05, eval 0.12, report 0.03 and each training stage's own share (sft 0.5, dpo 0.3).
+    time_shares: dict[str, float] = Field(default_factory=lambda: default_time_shares())
+
+    @field_validator("time_shares")
+    @classmethod
+    def _known_stages(cls, v: dict[str, float]) -> dict[str, float]:
+        from .stages import registry
+
+        names = registry.all_stage_names()
+        for k, share in v.items():
+            if k not in names:
+                close = difflib.get_close_matches(k, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ValueError(f"time_shares: unknown stage {k!r}{hint} (stages: {', '.join(names)})")
+            if share < 0:
+                raise ValueError(f"time_shares.{k}: a share cannot be negative (got {share})")
+        return v
 
     @field_validator("time_limit")
     @classmethod
@@ -84,6 +104,13 @@ class HardwareConfig(Section):
         (those still to run, or all enabled ones). The pipeline, planner, doctor and report use this."""
         total = sum(self.time_shares.get(s, 0.0) for s in among)
         return self.time_shares.get(stage, 0.0) / total if total else 0.0
+
+
+def default_time_shares() -> dict[str, float]:
+    from .stages import registry
+
+    stages = {n: s.time_share for n, s in registry.training_stages().items()}
+    return {"data": 0.05, **stages, "eval": 0.12, "report": 0.03}
 
 
 class ModelConfig(Section):
@@ -115,6 +142,7 @@ class DataSource(Section):
             "preference",
             "preference_implicit",
             "sharegpt_preference",
+            "unpaired",
         ]
         | None
     ) = None  # None/auto = detected from the first records
@@ -149,8 +177,9 @@ class StageData(Section):
 
 
 class DataConfig(Section):
-    sft: StageData = Field(default_factory=StageData)
-    dpo: StageData = Field(default_factory=StageData)
+    """Shared data settings; one `StageData` block per registered training stage (`data.sft`,
+    `data.dpo`, ...) is added by stages.registry.config_model()."""
+
     max_length: int = Field(2048, ge=8)
     truncation: Literal["drop", "truncate", "error"] = "drop"
     max_bad_rows: float = Field(0.01, ge=0, description="a fraction (<1) or a count (>=1) of rejected rows")
@@ -216,44 +245,6 @@ class StageTrainingConfig(Section):
         return self
 
 
-class SFTConfig(StageTrainingConfig):
-    # Pack rows into max_length sequences (best-fit decreasing); each row still attends only to itself.
-    packing: bool = False
-    # Concatenate each micro-batch into one row without padding (the same rows per step as padded
-    # batches). auto = on with flash-attn (varlen kernels); with sdpa/eager it needs a block mask whose
-    # attention costs more than the padding it saves on short rows, so auto = off there.
-    padding_free: Literal["auto"] | bool = "auto"
-
-
-class DPOConfig(StageTrainingConfig):
-    # Not supported: packing would cut preference pairs apart. Present only to say so.
-    packing: bool = False
-
-    @field_validator("packing")
-    @classmethod
-    def _no_packing(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(
-                "packing is not supported for DPO (chosen and rejected must stay whole); remove it"
-            )
-        return v
-
-    per_device_train_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(16, ge=1)
-    learning_rate: float = Field(5e-6, gt=0)
-    beta: float = Field(0.1, gt=0)  # higher keeps the policy closer to the reference
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    # > 0 adds the SFT loss on the chosen reply with this weight (RPO): the policy keeps raising the
-    # probability of good answers instead of only widening the gap, which protects generation quality.
-    sft_weight: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO / cDPO: the chance a label is flipped
-    # The reference policy is the SFT model, held as: adapter = the policy with its LoRA adapter
-    # disabled (no second copy; LoRA only), precompute = its log-probs computed once before training,
-    # copy = a frozen second model (needed for full and freeze); auto = adapter for LoRA, else copy.
-    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
-
-
-ModelName = Literal["base", "sft", "dpo"]
 # Scored on each generated reply against the reference reply of a conversation set.
 GENERATION_METRICS = ("exact_match", "contains", "regex_match", "numeric_match", "rouge_l")
 # Computed from log-probabilities of the reference reply (assistant tokens only): no generation.
@@ -261,8 +252,6 @@ LIKELIHOOD_METRICS = ("loss", "perplexity")
 # Computed on preference pairs: log p(chosen) against log p(rejected).
 PREFERENCE_METRICS = ("preference_accuracy", "reward_margin")
 BUILTIN_METRICS = GENERATION_METRICS + LIKELIHOOD_METRICS + PREFERENCE_METRICS
-# The prepared held-out splits the data stage writes.
-PREPARED_SETS = ("sft_eval", "dpo_eval")
 _SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -279,8 +268,9 @@ def _check_metric(name: str) -> str:
 
 
 class EvalSet(Section):
-    """One held-out set. `source` is a prepared split (sft_eval: conversations, dpo_eval: pairs) or a
-    file/folder in any supported data format (conversations or preference pairs, detected)."""
+    """One held-out set. `source` is a prepared split (<stage>_eval: sft_eval conversations, dpo_eval
+    pairs, grpo_eval prompts with answers) or a file/folder in any supported data format (conversations
+    or preference pairs, detected)."""
 
     name: str
     source: str = "sft_eval"
@@ -338,9 +328,11 @@ class LmEvalConfig(Section):
 
 
 class EvalConfig(Section):
-    models: list[ModelName] = Field(default_factory=lambda: ["base", "sft", "dpo"])
-    # A set is a prepared split name (sft_eval, dpo_eval) or {name, source, metrics, ...}.
-    sets: list[EvalSet] = Field(default_factory=lambda: [EvalSet(name=n, source=n) for n in PREPARED_SETS])
+    # base and the trained stages' models, in pipeline order. Default: base and every trained stage.
+    models: list[str] = Field(default_factory=list)
+    # A set is a prepared split name (sft_eval, dpo_eval, grpo_eval) or {name, source, metrics, ...}.
+    # Default: the held-out split of every trained stage that has one to score.
+    sets: list[EvalSet] = Field(default_factory=list)
     # The default metrics of sets that list none; each set uses those that apply to its kind.
     metrics: list[str] = Field(default_factory=lambda: ["exact_match", "loss", "preference_accuracy"])
     max_new_tokens: int = Field(64, ge=1)
@@ -380,13 +372,17 @@ class ReportConfig(Section):
 
 
 class Config(Section):
+    """The whole config. load_config validates with stages.registry.config_model(), this class plus one
+    section per registered training stage (`sft:`, `dpo:`, `grpo:`, `kto:`, yours)."""
+
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     hardware: HardwareConfig = Field(default_factory=HardwareConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    # The training stages in order; each starts from the previous one's result (the first from the
+    # base model): [sft, dpo], [sft, grpo], [sft, dpo, grpo], [sft, kto], ...
+    pipeline: list[str] = Field(default_factory=lambda: ["sft", "dpo"])
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    sft: SFTConfig = Field(default_factory=SFTConfig)
-    dpo: DPOConfig = Field(default_factory=DPOConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -395,31 +391,64 @@ class Config(Section):
     _source: str = "<defaults>"
     _overrides: list[str] = []  # the command line's KEY=VALUE items: launched processes load the same config
 
+    if TYPE_CHECKING:  # the built-in stages' sections, added by stages.registry.config_model()
+        sft: SFTSection
+        dpo: DPOSection
+        grpo: GRPOSection
+        kto: KTOSection
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known_stages(cls, v: list[str]) -> list[str]:
+        from .stages import registry
+
+        names = list(registry.training_stages())
+        for s in v:
+            if s not in names:
+                close = difflib.get_close_matches(s, names, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(f"unknown training stage {s!r}; {hint}(training stages: {', '.join(names)})")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"a stage can run once per pipeline; repeated: {', '.join(dup)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        for stage in ("sft", "dpo"):
-            if getattr(self, stage).method == "qlora" and not self.model.load_in_4bit:
+        from .stages import registry
+
+        for stage in registry.training_stages():
+            method = self.stage(stage).method
+            if method == "qlora" and not self.model.load_in_4bit:
                 raise ValueError(f"{stage}.method: qlora needs model.load_in_4bit: true")
-            if getattr(self, stage).method in ("full", "freeze") and self.model.load_in_4bit:
+            if method in ("full", "freeze") and self.model.load_in_4bit:
                 raise ValueError(
-                    f"{stage}.method: {getattr(self, stage).method} cannot train 4-bit weights; "
+                    f"{stage}.method: {method} cannot train 4-bit weights; "
                     "set model.load_in_4bit: false or use method: qlora"
                 )
-        if self.dpo.reference == "adapter" and self.dpo.method not in ("lora", "qlora"):
-            raise ValueError(
-                f"dpo.reference: adapter needs a LoRA method (dpo.method is {self.dpo.method}); "
-                "use reference: copy or precompute"
-            )
-        for stage in ("sft", "dpo"):
-            if getattr(self, stage).enabled or stage not in self.eval.models:
+        models = registry.model_names(self)
+        if not self.eval.models:  # the default: every model this pipeline makes
+            self.eval.models = models
+        for m in self.eval.models:
+            if m in models:
                 continue
-            if "models" not in self.eval.model_fields_set:  # the default list: evaluate what is trained
-                self.eval.models = [m for m in self.eval.models if m != stage]
-            else:
-                raise ValueError(
-                    f"eval.models lists '{stage}' but {stage}.enabled is false; remove it from eval.models"
-                )
+            if registry.is_training_stage(m):
+                why = f"{m}.enabled is false" if m in self.pipeline else f"pipeline does not list {m!r}"
+                raise ValueError(f"eval.models lists '{m}' but {why}; remove it from eval.models")
+            raise ValueError(f"eval.models: unknown model {m!r}; this pipeline has {', '.join(models)}")
+        # Evaluated in pipeline order, whatever order the list was written in (the report's columns).
+        self.eval.models = [m for m in models if m in self.eval.models]
+        if not self.eval.sets:
+            self.eval.sets = [
+                EvalSet(name=s.eval_split, source=s.eval_split)
+                for s in map(registry.get, registry.trained(self))
+                if s.data != "unpaired"  # unpaired feedback has no reference reply to score
+            ]
         return self
+
+    def stage(self, name: str) -> StageTrainingConfig:
+        """The config section of training stage `name` (cfg.stage("dpo") is cfg.dpo)."""
+        return getattr(self, name)
 
     def path(self, p: str | Path) -> Path:
         """Resolve a path from the config relative to the config file's directory."""
@@ -476,7 +505,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The pydantic model class found by walking `loc` from Config (None if not a model)."""
-    cls: Any = Config
+    from .stages.registry import config_model
+
+    cls: Any = config_model()
     for part in loc:
         if isinstance(part, int):
             continue
@@ -541,8 +572,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: the top level must be a mapping of sections (project:, model:, ...)")
         raw = loaded
     raw = apply_overrides(raw, overrides)
+    from .stages.registry import config_model
+
     try:
-        cfg = Config.model_validate(raw)
+        cfg = config_model().model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source, overrides)) from None
     cfg._base_dir = base

@@ -1,7 +1,8 @@
-"""`tunepipe export`: the SFT or DPO result as a standalone Hugging Face model folder.
+"""`tunepipe export`: a trained stage's result as a standalone Hugging Face model folder.
 
-The adapters of the run are merged into the base weights in stage order (DPO's adapter was trained
-on the merged SFT model), and the folder gets the tokenizer with its chat template, so plain
+The adapters of the run are merged into the base weights in pipeline order (each stage's adapter
+was trained on the merged result of the stages before it), and the folder gets the tokenizer with
+its chat template, so plain
 `AutoModelForCausalLM.from_pretrained(DIR)` needs nothing from tunepipe. Written to a temporary
 folder and renamed, so an interrupted export never looks finished.
 """

@@ -548,7 +548,7 @@ def _visible_run_folder(job: dict[str, Any]) -> None:
 def worker(job_path: Path) -> int:
     """One launched process: run the stage, write this rank's outcome, return the exit code."""
     from .dist import ensure_process_group, rank
-    from .pipeline import STAGES, StageLog
+    from .pipeline import StageLog, spec_of
     from .training import OutOfMemory
 
     job = json.loads(job_path.read_text())
@@ -582,7 +582,7 @@ def worker(job_path: Path) -> int:
 
         from .console import capture_library_output
 
-        module = importlib.import_module(STAGES[name].module)
+        module = importlib.import_module(spec_of(name).module)
         # Imported before the capture, which switches off the progress bars of the libraries loaded.
         import datasets  # noqa: F401
         import transformers  # noqa: F401

@@ -360,10 +360,12 @@ def freeze_all_but_last_layers(model: Any, n: int) -> int:
 
 
 def load_stage_model(cfg: Config, plan: Plan, run_dir: Path, which: str, log: Any = print) -> Any:
-    """The base, SFT or DPO model as the run folder holds it: a full model folder (`<stage>/model`,
-    methods full and freeze) or the base with the stages' adapters merged in order."""
-    chain = {"base": [], "sft": ["sft"], "dpo": ["sft", "dpo"]}[which]
-    chain = [s for s in chain if s != "sft" or cfg.sft.enabled]
+    """Model `which` (base or a trained stage) as the run folder holds it: a full model folder
+    (`<stage>/model`, methods full and freeze) or the base with the stages' adapters merged in
+    pipeline order (stages.registry.chain)."""
+    from .stages import registry
+
+    chain = registry.chain(cfg, which)
     # Start from the latest stage that saved a whole model; merge the adapters after it.
     start = max(
         (i for i, s in enumerate(chain) if (run_dir / s / "model" / "config.json").is_file()), default=-1

@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import PREPARED_SETS, Config, dump_resolved
+from .config import Config, dump_resolved
 from .console import capture_library_output
 from .data.sources import Input, SourceError, expand
 from .dist import is_main, rank
@@ -59,46 +59,71 @@ class StageSpec:
     launched: bool = False  # runs as a process group when the run has several processes
 
 
-STAGES: dict[str, StageSpec] = {
-    s.name: s
-    for s in [
-        StageSpec(
-            "data", "tunepipe.stages.data", [*MODEL_KEYS, "data", "sft.enabled", "dpo.enabled"], [], "data"
-        ),
-        StageSpec(
-            "sft",
-            "tunepipe.stages.sft",
-            [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "sft", "data.max_length"],
-            ["data"],
-            "sft",
+def _fixed(name: str, trained: list[str], cfg_keys: list[str]) -> StageSpec:
+    if name == "data":
+        return StageSpec("data", "tunepipe.stages.data", [*MODEL_KEYS, "data", *cfg_keys], [], "data")
+    if name == "eval":
+        keys = [*TRAIN_MODEL_KEYS, "eval", *cfg_keys]
+        return StageSpec("eval", "tunepipe.stages.eval", keys, ["data", *trained], "eval", launched=True)
+    return StageSpec(
+        "report",
+        "tunepipe.stages.report",
+        ["project", "report", "model.name_or_path", *cfg_keys],
+        ["data", *trained, "eval"],
+        "report",
+    )
+
+
+def stage_specs(cfg: Config) -> dict[str, StageSpec]:
+    """Every stage of this config's run, in order: data, the training stages of `pipeline` (each
+    reading the data and every trained stage before it), eval, report."""
+    from .stages import registry
+
+    trained = registry.trained(cfg)
+    # Which stages train, and in which order, is an input of the stages that read them all.
+    order_keys = ["pipeline", *(f"{s}.enabled" for s in cfg.pipeline)]
+    specs = {"data": _fixed("data", trained, order_keys)}
+    for name in cfg.pipeline:
+        specs[name] = StageSpec(
+            name,
+            registry.get(name).module,
+            [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", name, "data.max_length"],
+            ["data", *trained[: trained.index(name)]] if name in trained else ["data"],
+            name,
             launched=True,
-        ),
-        StageSpec(
-            "dpo",
-            "tunepipe.stages.dpo",
-            [*TRAIN_MODEL_KEYS, *TRAIN_HARDWARE_KEYS, "training", "dpo", "data.max_length"],
-            ["data", "sft"],
-            "dpo",
-            launched=True,
-        ),
-        StageSpec(
-            "eval",
-            "tunepipe.stages.eval",
-            [*TRAIN_MODEL_KEYS, "eval", "sft.enabled", "dpo.enabled"],
-            ["data", "sft", "dpo"],
-            "eval",
-            launched=True,
-        ),
-        StageSpec(
-            "report",
-            "tunepipe.stages.report",
-            ["project", "report", "model.name_or_path"],
-            ["data", "sft", "dpo", "eval"],
-            "report",
-        ),
-    ]
-}
-ORDER = list(STAGES)
+        )
+    for name in registry.LAST:
+        specs[name] = _fixed(name, trained, order_keys)
+    return specs
+
+
+def spec_of(name: str) -> StageSpec:
+    """A stage's module and folder, from its name alone (a launched process, a state file rebuilt)."""
+    from .stages import registry
+
+    if registry.is_training_stage(name):
+        return StageSpec(name, registry.get(name).module, [], [], name, launched=True)
+    return _fixed(name, [], [])
+
+
+def order(cfg: Config) -> list[str]:
+    return list(stage_specs(cfg))
+
+
+def check_stage_name(cfg: Config, name: str, names: list[str] | None = None) -> None:
+    """A stage named on the command line must be one of this config's run (ConfigError, exit 2)."""
+    from .config import ConfigError
+    from .stages import registry
+
+    names = names or order(cfg)
+    if name in names:
+        return
+    if registry.is_training_stage(name):
+        raise ConfigError(
+            f"{cfg.source}: stage {name!r} is not in this config's pipeline ({', '.join(cfg.pipeline)}); "
+            f"add it, e.g. pipeline=[{', '.join([*cfg.pipeline, name])}]"
+        )
+    raise ConfigError(f"no stage {name!r}: this run's stages are {', '.join(names)}")
 
 
 def run_dir_for(cfg: Config, smoke: bool) -> Path:
@@ -108,9 +133,9 @@ def run_dir_for(cfg: Config, smoke: bool) -> Path:
 
 
 def enabled(cfg: Config, name: str) -> bool:
-    if name in ("sft", "dpo"):
-        return getattr(cfg, name).enabled
-    return True
+    from .stages import registry
+
+    return cfg.stage(name).enabled if registry.is_training_stage(name) else True
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -153,7 +178,9 @@ def _get(cfg_dump: dict[str, Any], dotted: str) -> Any:
 def _input_files(cfg: Config, name: str) -> dict[str, str]:
     files: dict[str, str] = {}
     if name == "data":
-        for stage in ("sft", "dpo"):
+        from .stages import registry
+
+        for stage in registry.trained(cfg):
             sd = getattr(cfg.data, stage)
             for src in [*sd.train, *sd.eval]:
                 try:
@@ -166,7 +193,9 @@ def _input_files(cfg: Config, name: str) -> dict[str, str]:
             files[str(p)] = file_fingerprint(p)
     if name == "eval":
         # Sets read from files, local lm-eval tasks and the user's scorer modules are inputs too.
-        paths = [cfg.path(s.source) for s in cfg.eval.sets if s.source not in PREPARED_SETS]
+        from .stages.registry import prepared_sets
+
+        paths = [cfg.path(s.source) for s in cfg.eval.sets if s.source not in prepared_sets()]
         if cfg.eval.lm_eval and cfg.eval.lm_eval.include_path:
             paths.append(cfg.path(cfg.eval.lm_eval.include_path))
         metric_names = [*cfg.eval.metrics, *(m for s in cfg.eval.sets for m in s.metrics or [])]
@@ -194,7 +223,7 @@ def _model_files(cfg: Config) -> str:
 
 def fingerprint(cfg: Config, name: str, upstream: dict[str, str], smoke: bool, code: str) -> str:
     dump = cfg.model_dump(mode="json")
-    spec = STAGES[name]
+    spec = stage_specs(cfg)[name]
     payload = {
         "stage": name,
         "config": {k: _get(dump, k) for k in spec.keys},
@@ -247,8 +276,10 @@ class State:
 
     def _from_stage_files(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, spec in STAGES.items():
-            sj = self.run_dir / spec.stage_dir / "stage.json"
+        from .stages.registry import all_stage_names
+
+        for name in all_stage_names():
+            sj = self.run_dir / spec_of(name).stage_dir / "stage.json"
             try:
                 rec = json.loads(sj.read_text(encoding="utf-8")) if sj.is_file() else {}
             except (OSError, ValueError):
@@ -274,7 +305,7 @@ class State:
 
 def is_up_to_date(run_dir: Path, state: State, name: str, fp: str) -> bool:
     rec = state.stage(name)
-    sj = run_dir / STAGES[name].stage_dir / "stage.json"
+    sj = run_dir / spec_of(name).stage_dir / "stage.json"
     if rec.get("status") != "done" or rec.get("fingerprint") != fp or not sj.is_file():
         return False
     try:
@@ -383,9 +414,12 @@ def run_pipeline(
     written, GateFailed when a gate fails; other errors propagate after the state is recorded.
     """
     run_dir = run_dir_for(cfg, smoke)
-    selected = stages or ORDER
+    names = order(cfg)
+    for named in [*(stages or []), *([from_stage] if from_stage else [])]:
+        check_stage_name(cfg, named, names)
+    selected = stages or names
     if from_stage:
-        selected = ORDER[ORDER.index(from_stage) :]
+        selected = names[names.index(from_stage) :]
     forced = set(stages or []) | (set(selected) if from_stage or force else set())
     from .launch import in_process_group, maybe_group, topology
 
@@ -412,7 +446,8 @@ def _plan(
     an upstream stage that is neither done nor selected."""
     fps: dict[str, str] = {}
     plan: dict[str, tuple[str, bool]] = {}
-    for name in ORDER:
+    specs = stage_specs(cfg)
+    for name in specs:
         if not enabled(cfg, name):
             continue
         fp = fingerprint(cfg, name, fps, smoke, code)
@@ -421,7 +456,7 @@ def _plan(
             continue
         runs = name in forced or not is_up_to_date(run_dir, state, name, fp)
         if runs:
-            for u in STAGES[name].upstream:
+            for u in specs[name].upstream:
                 if enabled(cfg, u) and u not in selected and not is_up_to_date(run_dir, state, u, fps[u]):
                     raise GateFailed(
                         f"[{name}] needs stage '{u}' to be done and up to date first: "
@@ -456,7 +491,8 @@ def _run_stages(
     state.data["budget_end"] = budget_end  # this invocation's deadline (hardware.time_limit from its start)
     outcome: dict[str, str] = {}
     env_written = False
-    for name in ORDER:
+    specs = stage_specs(cfg)
+    for name in specs:
         if not enabled(cfg, name):
             state.set(name, status="disabled")
             outcome[name] = "disabled"
@@ -485,7 +521,7 @@ def _run_stages(
             verbose=verbose,
             budget_end=budget_end,
         )
-        launch = group.run if group is not None and STAGES[name].launched else None
+        launch = group.run if group is not None and specs[name].launched else None
         outcome[name] = _run_stage(ctx, name, state, log, launch)
     log.close()
     return outcome
@@ -501,7 +537,8 @@ def _stage_deadline(cfg: Config, name: str, selected: list[str], budget_end: flo
             f"[{name}] not started: hardware.time_limit {cfg.hardware.time_limit} is used up; "
             "run again to continue"
         )
-    todo = [s for s in ORDER[ORDER.index(name) :] if s in selected and enabled(cfg, s)]
+    names = order(cfg)
+    todo = [s for s in names[names.index(name) :] if s in selected and enabled(cfg, s)]
     return time.time() + left * cfg.hardware.share(name, todo)
 
 
@@ -513,7 +550,7 @@ def _run_stage(
     launch: Callable[[StageContext, str], StageResult] | None = None,
 ) -> str:
     """Run one stage in this process, or as a process group through `launch` (launch.Group.run)."""
-    spec = STAGES[name]
+    spec = spec_of(name)
     fp, run_dir = ctx.fingerprint, ctx.run_dir
     log.open(name)
     log(f"[{name}] running" + (" (smoke)" if ctx.smoke else ""))
@@ -529,7 +566,8 @@ def _run_stage(
         return round(carried + time.time() - started, 1)
 
     # Everything after this stage depends on its outputs: mark it stale before touching anything.
-    for later in ORDER[ORDER.index(name) + 1 :]:
+    names = order(ctx.cfg)
+    for later in names[names.index(name) + 1 :]:
         if state.stage(later).get("status") == "done":
             state.set(later, status="stale")
     state.set(

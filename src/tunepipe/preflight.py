@@ -19,16 +19,24 @@ from pathlib import Path
 from typing import Literal
 
 from . import sharding
-from .config import PREPARED_SETS, Config
+from .config import Config
 from .modeling import BNB_INSTALL
+from .stages import registry
 
 Status = Literal["ok", "warn", "fail", "skip"]
 GB = 1024**3
 
 # What tunepipe writes in a run folder (DESIGN §3); an input in one of these would be overwritten.
 RUN_FOLDER_FILES = ("pipeline.json", "config.resolved.yaml", "env.json", ".tunepipe.lock")
-RUN_FOLDER_DIRS = ("data", "sft", "dpo", "eval", "report", "logs")
-TRAINING_STAGES = ("sft", "dpo")
+
+
+def run_folder_dirs() -> list[str]:
+    """The folders tunepipe writes in a run folder: one per stage (every registered one) and logs."""
+    return [*registry.all_stage_names(), "logs"]
+
+
+def _training(stages: list[str]) -> list[str]:
+    return [s for s in stages if registry.is_training_stage(s)]
 
 
 @dataclass
@@ -74,7 +82,7 @@ def hub_offline() -> bool:
 def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str]]:
     """(import name, what needs it, the install command) for the stages to run."""
     need: list[tuple[str, str, str]] = [("transformers", "every stage", "pip install -e .")]
-    training = [s for s in stages if s in TRAINING_STAGES]
+    training = _training(stages)
     if training:
         need += [
             (m, f"stage {training[0]}", "pip install -e .") for m in ("torch", "trl", "peft", "accelerate")
@@ -98,12 +106,15 @@ def _needed_packages(cfg: Config, stages: list[str]) -> list[tuple[str, str, str
                     "pip install flash-attn --no-build-isolation, or attn_implementation: auto (sdpa)",
                 )
             )
+    for stage in training:
+        for module, why in registry.get(stage).packages.items():
+            need.append((module, f"stage {stage}: {why}", f"pip install {module}"))
     if "eval" in stages and cfg.eval.lm_eval:
         need.append(("lm_eval", "eval.lm_eval", "pip install -e '.[eval]' (lm-evaluation-harness)"))
     if "report" in stages and cfg.report.plots:
         need.append(("matplotlib", "report.plots", "pip install matplotlib"))
     if "data" in stages and any(
-        str(src.path).endswith(".parquet") for st in TRAINING_STAGES for src in _sources(cfg, st)
+        str(src.path).endswith(".parquet") for st in registry.trained(cfg) for src in _sources(cfg, st)
     ):
         need.append(("pyarrow", "a .parquet data source", "pip install pyarrow"))
     return need
@@ -126,7 +137,7 @@ def qlora_cpu_check(cfg: Config, stages: list[str]) -> Check | None:
     from 0.46 on; one tiny 4-bit layer is run to be sure (a few seconds, once per process). None where
     it does not apply: no 4-bit model, no stage that loads one, bitsandbytes missing (the package check
     says so), or a GPU here (transformers checks bitsandbytes' CUDA build when it loads)."""
-    loads_model = any(s in (*TRAINING_STAGES, "eval") for s in stages)
+    loads_model = bool(_training(stages)) or "eval" in stages
     if not (cfg.model.load_in_4bit and loads_model and _installed("bitsandbytes")):
         return None
     from .modeling import bnb_4bit_on_cpu, cuda_available
@@ -217,16 +228,14 @@ def data_checks(cfg: Config, stages: list[str]) -> list[Check]:
 
     checks = []
     if "data" in stages:
-        for stage in TRAINING_STAGES:
-            if not getattr(cfg, stage).enabled:
-                continue
+        for stage in registry.trained(cfg):
             section = getattr(cfg.data, stage)
             if not section.train:
                 checks.append(
                     _blocker(
                         f"data.{stage}.train",
-                        f"{stage} is enabled but has no training data",
-                        f"set data.{stage}.train, or {stage}.enabled: false",
+                        f"{stage} is in the pipeline but has no training data",
+                        f"set data.{stage}.train, or remove {stage} from the pipeline",
                     )
                 )
             for split in ("train", "eval"):
@@ -257,7 +266,7 @@ def data_checks(cfg: Config, stages: list[str]) -> list[Check]:
                             )
     if "eval" in stages:
         for s in cfg.eval.sets:
-            if s.source in PREPARED_SETS:
+            if s.source in registry.prepared_sets():
                 continue
             p = cfg.path(s.source)
             if not p.exists():
@@ -288,7 +297,7 @@ def input_paths(cfg: Config) -> dict[str, Path]:
     from .data.sources import SourceError, expand
 
     out: dict[str, Path] = {}
-    for stage in TRAINING_STAGES:
+    for stage in registry.trained(cfg):
         for split in ("train", "eval"):
             for i, src in enumerate(getattr(getattr(cfg.data, stage), split)):
                 key = f"data.{stage}.{split}[{i}]"
@@ -300,7 +309,7 @@ def input_paths(cfg: Config) -> dict[str, Path]:
                 except SourceError:
                     pass
     for s in cfg.eval.sets:
-        if s.source not in PREPARED_SETS:
+        if s.source not in registry.prepared_sets():
             out[f"eval.sets.{s.name}"] = cfg.path(s.source)
     if cfg.eval.lm_eval and cfg.eval.lm_eval.include_path:
         out["eval.lm_eval.include_path"] = cfg.path(cfg.eval.lm_eval.include_path)
@@ -316,7 +325,7 @@ def input_paths(cfg: Config) -> dict[str, Path]:
 
 def written_paths(run_dir: Path) -> list[Path]:
     base = Path(os.path.realpath(run_dir))
-    return [base / f for f in RUN_FOLDER_FILES] + [base / d for d in RUN_FOLDER_DIRS]
+    return [base / f for f in RUN_FOLDER_FILES] + [base / d for d in run_folder_dirs()]
 
 
 def _overlaps(a: Path, b: Path) -> bool:
@@ -379,7 +388,7 @@ def planned_disk_bytes(cfg: Config, stages: list[str]) -> tuple[int, str]:
     the best one and one being written) plus the result, from the model's shape; 0 when unknown."""
     from .planner import ModelShape
 
-    training = [s for s in stages if s in TRAINING_STAGES and getattr(cfg, s).enabled]
+    training = [s for s in _training(stages) if cfg.stage(s).enabled]
     if not training:
         return 0, "no training stage to run"
     try:
@@ -425,7 +434,7 @@ def disk_check(cfg: Config, run_dir: Path, stages: list[str]) -> Check:
 
 def sharding_checks(cfg: Config, stages: list[str]) -> list[Check]:
     """hardware.sharding combinations that cannot train (sharding.check), when a training stage runs."""
-    if not any(s in stages for s in TRAINING_STAGES):
+    if not _training(stages):
         return []
     return [_blocker("sharding", p, p.partition("; ")[2] or p) for p in sharding.check(cfg)]
 
@@ -435,7 +444,7 @@ def preflight_checks(cfg: Config, stages: list[str], run_dir: Path, *, create: b
     checks = [*package_checks(cfg, stages), *sharding_checks(cfg, stages)]
     if (qlora := qlora_cpu_check(cfg, stages)) is not None:
         checks.append(qlora)
-    if any(s in stages for s in ("data", *TRAINING_STAGES, "eval")):
+    if "data" in stages or "eval" in stages or _training(stages):
         checks.append(model_check(cfg))
     checks += data_checks(cfg, stages)
     checks += overlap_checks(cfg, run_dir)

@@ -1,4 +1,7 @@
-"""What the SFT and DPO stages share: trainer arguments, callbacks, the loss gate, adapter saving."""
+"""What every training stage shares: trainer arguments, callbacks, the loss gate, adapter saving, and
+`run_trainer_stage`, the skeleton of a stage (read split -> plan -> tokenizer -> trainer arguments ->
+Training with resume, OOM and NaN guards -> save -> gate -> outputs). A stage module keeps only what is
+its own: its dataset, its TRL arguments and the extra parts of its trainer."""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from .guards import (
 )
 from .launch import agree_all
 from .modeling import Plan
-from .stages import Gate, GateFailed, StageContext, StageStopped
+from .stages import Gate, GateFailed, StageContext, StageResult, StageStopped
 
 SAVE_MARGIN_S = 5.0  # time kept free before a deadline for the last checkpoint save
 
@@ -346,7 +349,7 @@ class Training:
         The halving on OOM in `run` still catches what the estimate misses."""
         import torch
 
-        if not torch.cuda.is_available() or self.ctx.smoke or self.stage not in ("sft", "dpo"):
+        if not torch.cuda.is_available() or self.ctx.smoke:
             return batch, accum
         from .modeling import local_rank
         from .planner import PlannerError, starting_batch
@@ -555,3 +558,117 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def starting_model(ctx: StageContext, stage: str, plan: Plan) -> Any:
+    """A fresh copy of the model stage `stage` trains: the previous trained stage's result in pipeline
+    order (the base model for the first), with fused kernels, and frozen layers for method freeze."""
+    from .modeling import apply_fused_kernels, freeze_all_but_last_layers, load_stage_model
+    from .stages import registry
+
+    cfg, section = ctx.cfg, ctx.cfg.stage(stage)
+    model = load_stage_model(cfg, plan, ctx.run_dir, registry.previous(cfg, stage) or "base", log=ctx.log)
+    apply_fused_kernels(model, cfg, plan, log=ctx.log)
+    if section.method == "freeze":
+        n = freeze_all_but_last_layers(model, section.freeze_trainable_layers)
+        ctx.log(
+            f"{stage}: method freeze: {n:,} trainable parameters "
+            f"(last {section.freeze_trainable_layers} layers)"
+        )
+    return model
+
+
+def run_trainer_stage(
+    ctx: StageContext,
+    stage: str,
+    train: Any,
+    described: str,
+    *,
+    config_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: Callable[[Plan], dict[str, Any]] | None = None,
+    model: Callable[[Plan], Any] | None = None,
+    after_build: Callable[[Any, Plan], None] | None = None,
+    outputs: dict[str, Any] | None = None,
+) -> StageResult:
+    """Train registered stage `stage` with its TRL trainer on `train` (a datasets.Dataset).
+
+    config_kwargs: the stage's own keywords for TRL's config class (they may override the shared
+    trainer_args, except the micro-batch and accumulation, which the OOM guard owns); trainer_kwargs:
+    the trainer's extra keywords, built again for every (re)build (a reference model, reward
+    functions); model: a fresh model per build (default: starting_model); after_build: adjusts the
+    built trainer (a collator). The trainer is built again after an out-of-memory, with a halved
+    micro-batch."""
+    from . import compat
+    from .dist import world_size
+    from .modeling import load_tokenizer, lora_config, plan_for, uses_lora
+    from .stages import registry
+
+    spec = registry.get(stage)
+    config_cls, trainer_cls = spec.trainer_classes()
+    cfg, out, section = ctx.cfg, ctx.stage_dir(stage), ctx.cfg.stage(stage)
+    plan = plan_for(cfg.model)
+    ctx.log(f"{stage}: {described}; {plan.reason}; attention: {plan.attn_reason}")
+    start = registry.previous(cfg, stage)
+    ctx.log(f"{stage}: starts from " + (f"the {registry.title(start)} result" if start else "the base model"))
+    tok = load_tokenizer(cfg, log=ctx.log)
+    base_args = trainer_args(cfg, stage, out, plan, config_cls, ctx.smoke)
+    training = Training(ctx, stage, out)
+    fresh_model = model or (lambda p: starting_model(ctx, stage, p))
+
+    def build(batch: int, accum: int) -> Any:
+        args = compat.build(
+            config_cls,
+            log=ctx.log,
+            **{
+                **base_args,
+                **(config_kwargs or {}),
+                "per_device_train_batch_size": batch,
+                "gradient_accumulation_steps": accum,
+            },
+        )
+        trainer = compat.build(
+            trainer_cls,
+            log=ctx.log,
+            model=fresh_model(plan),
+            args=args,
+            train_dataset=train,
+            processing_class=tok,
+            peft_config=lora_config(section) if uses_lora(section) else None,
+            callbacks=training.callbacks,
+            **(trainer_kwargs(plan) if trainer_kwargs else {}),
+        )
+        if after_build is not None:
+            after_build(trainer, plan)
+        return trainer
+
+    result = training.run(
+        build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
+    )
+    saved = save_result(training.trainer, out, section)
+
+    log_rows = read_log(out / "log.jsonl")
+    falling = cfg.training.loss_falling_gate if spec.loss_falls and not ctx.smoke else False
+    gates = loss_gate(log_rows, falling)
+    losses = [r["loss"] for r in log_rows if "loss" in r]
+    summary = f"{result.global_step} steps" + (
+        f", loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
+    )
+    for curve in spec.curves[:1]:
+        values = [r[curve.key] for r in log_rows if curve.key in r]
+        if values and losses:
+            summary += f", {curve.label} {values[0]:.3f} -> {values[-1]:.3f}"
+    return StageResult(
+        summary=summary,
+        gates=gates,
+        outputs={
+            "result": saved,
+            "starts_from": start or "base",
+            "steps": result.global_step,
+            "per_device_train_batch_size": training.batch,
+            "gradient_accumulation_steps": training.accum,
+            "batch_changes": training.batch_changes,
+            "world_size": world_size(),
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
+            **(outputs or {}),
+        },
+    )

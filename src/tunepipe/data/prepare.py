@@ -35,7 +35,8 @@ from .sources import Input, Row, SourceError, csv_delimiter, read_rows, scan
 
 SMOKE_ROWS = {"train": 16, "eval": 8}
 DETECT_ROWS = 50  # records looked at to tell a source's format
-SPLITS = ("sft_train", "sft_eval", "dpo_train", "dpo_eval")  # the prepared files: data/<split>.jsonl
+# Rows of a prompt and an `answer` column (GRPO data), told apart before the conversation formats.
+PROMPT_ANSWER = "prompt_answer"
 SHOWN_REJECTS = 5  # rejects quoted in an error message; all are in rejects.jsonl
 
 
@@ -156,16 +157,33 @@ class _Preparer:
         raise RowError(msg + " (data.truncation: drop)")
 
     def _internal(self, stage: str, rec: dict[str, Any], fmt: str, src: DataSource) -> tuple[str, Any]:
-        """Phase 1: a record -> ("conv", messages) | ("text", str) | ("pair", pair). RowError if bad."""
-        if stage == "dpo":
+        """Phase 1: a record -> ("conv", messages) | ("text", str) | ("pair", pair) | ("prompt", row)
+        | ("unpaired", [rows]), as the stage's data kind (stages.registry) asks. RowError if bad."""
+        from ..stages import registry
+
+        spec = registry.get(stage)
+        if spec.data == "pairs":
             if fmt not in PREFERENCE_FORMATS:
                 raise RowError(
-                    f"a {fmt} row in DPO data: preference data needs prompt/chosen/rejected "
-                    "(list conversations under data.sft instead)"
+                    f"a {fmt} row in {spec.title} data: preference data needs prompt/chosen/rejected "
+                    f"(list conversations under {_stage_for('conversations')} instead)"
                 )
             return "pair", to_preference(rec, fmt, src.columns)
+        if spec.data == "unpaired":
+            from .formats import to_unpaired
+
+            return "unpaired", to_unpaired(rec, fmt, src.columns)
+        if spec.data == "prompts":
+            return "prompt", _to_prompt(rec, fmt, src.columns, spec.title)
         if fmt in PREFERENCE_FORMATS:
-            raise RowError("a preference pair in SFT data; list it under data.dpo instead")
+            raise RowError(
+                f"a preference pair in {spec.title} data; list it under {_stage_for('pairs')} instead"
+            )
+        if fmt == "unpaired":
+            raise RowError(
+                f"an unpaired feedback row (with a label) in {spec.title} data; "
+                f"list it under {_stage_for('unpaired')} instead"
+            )
         if fmt == "text":
             return "text", to_text(rec, src.columns)
         return "conv", to_conversation(rec, fmt, src.columns)
@@ -178,6 +196,8 @@ class _Preparer:
         owner: list[int] = []
         texts: list[tuple[int, str]] = []
         for k, (kind, obj) in enumerate(items):
+            if kind in ("prompt", "unpaired"):
+                continue  # not tokenized here: the trainer templates them (see _finish)
             if kind == "conv":
                 convs.append(obj), modes.append(d.train_on), owner.append(k)
             elif kind == "pair":
@@ -201,8 +221,43 @@ class _Preparer:
                 out[k] = [(ids, list(ids))]
         return out
 
+    def _prompt_tokens(self, prompt: list[dict[str, Any]]) -> int:
+        """The templated prompt's length in tokens, as the trainer will see it (generation prompt on)."""
+        thinking = self.cfg.model.enable_thinking
+        kw = {} if thinking is None else {"enable_thinking": thinking}
+        try:
+            ids = self.tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, **kw)
+        except Exception as e:  # a template that rejects these messages (roles, order)
+            raise RowError(f"the chat template cannot render this prompt: {e}") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return len(ids)
+
+    def _finish_untokenized(self, kind: str, obj: Any) -> tuple[Any, int, bool]:
+        """Prompts (GRPO) and unpaired completions (KTO): the trainer templates them; here the prompt's
+        length is checked against data.max_length under the truncation policy (no cut: a cut prompt
+        loses its question, so truncate drops such a row too)."""
+        rows = obj if kind == "unpaired" else [obj]
+        n = 0
+        for r in rows:
+            msgs = r["prompt"] + (r["completion"] if kind == "unpaired" else [])
+            k = self._prompt_tokens(msgs) if kind == "prompt" else self._prompt_tokens(r["prompt"])
+            if kind == "unpaired":
+                texts = [str(m.get("content", "")) for m in r["completion"]]
+                k += sum(len(ids) for ids in self.tok(texts, add_special_tokens=False)["input_ids"])
+            n = max(n, k)
+        limit = self.cfg.data.max_length
+        if n > limit:
+            msg = f"too long: {n} tokens > data.max_length {limit}"
+            if self.cfg.data.truncation == "error":
+                raise DataError(f"{msg} (data.truncation: error). Raise max_length or use truncation: drop")
+            raise RowError(msg + " (a prompt is not cut: the row is dropped)")
+        return obj, n, False
+
     def _finish(self, kind: str, obj: Any, seqs: list[tuple[list[int], list[int]]]) -> tuple[dict, int, bool]:
         """Phase 3: masks checked, truncation policy applied, the prepared record."""
+        if kind in ("prompt", "unpaired"):
+            return self._finish_untokenized(kind, obj)
         fitted = []
         for ids, labels in seqs:
             if kind == "conv" and all(x == IGNORE_INDEX for x in labels):
@@ -218,12 +273,17 @@ class _Preparer:
             rec["messages"] = obj
         return rec, n, cut
 
-    def _source_format(self, rows: list[Row], src: DataSource, where: str) -> str:
+    def _source_format(self, stage: str, rows: list[Row], src: DataSource, where: str) -> str:
         if src.format and src.format != "auto":
             return src.format
         sample = [r.record for r in rows[:DETECT_ROWS] if r.record is not None]
         if not sample:
             return "unknown"
+        from ..stages import registry
+
+        answer = src.columns.get("answer", "answer")
+        if registry.get(stage).data == "prompts" and all(answer in r for r in sample):
+            return PROMPT_ANSWER
         try:
             return detect_format(sample, src.columns, where)
         except FormatError as e:
@@ -258,7 +318,7 @@ class _Preparer:
         delimiter = csv_delimiter(path) if inp.kind == "file" and path.suffix in (".csv", ".tsv") else None
         rows = list(read_rows(inp))
         try:
-            fmt = self._source_format(rows, src, f"{inp} ({where})")
+            fmt = self._source_format(stage, rows, src, f"{inp} ({where})")
         except DataError as e:
             if delimiter is None or not rows or rows[0].record is None or len(rows[0].record) > 1:
                 raise
@@ -281,7 +341,7 @@ class _Preparer:
                     raise RowError(row.error)
                 assert row.record is not None
                 row_fmt = fmt
-                if not src.format or src.format == "auto":
+                if fmt != PROMPT_ANSWER and (not src.format or src.format == "auto"):
                     fits = candidates(row.record, src.columns)
                     row_fmt = fits[0] if len(fits) == 1 else fmt
                 items.append((row, self._internal(stage, row.record, row_fmt, src)))
@@ -372,9 +432,10 @@ class _Preparer:
                     entry["delimiter"] = res["delimiter"]
                 self.sources.append(entry)
                 for rec, n, cut in self._weighted(taken, src.weight):
-                    out.rows.append(rec)
-                    out.lengths.append(n)
-                    out.truncated += int(cut)
+                    for one in rec if isinstance(rec, list) else [rec]:  # a pair split for KTO: two rows
+                        out.rows.append(one)
+                        out.lengths.append(n)
+                        out.truncated += int(cut)
             if rows_in == 0:
                 files = [str(inp) for inp in found.inputs]
                 what = (
@@ -448,12 +509,60 @@ def prepare(cfg: Config, tokenizer: Any, smoke: bool = False, log: Callable[[str
     return Prepared(splits, p.sources, p.rejects, p.cache_hits, p.skipped)
 
 
+def _stage_for(kind: str) -> str:
+    """Where rows of a data kind belong: 'data.dpo' (or the stages that read it)."""
+    from ..stages import registry
+
+    names = [n for n, s in registry.training_stages().items() if s.data == kind]
+    return " or ".join(f"data.{n}" for n in names) or "another stage's data"
+
+
+def _to_prompt(rec: dict[str, Any], fmt: str, columns: dict[str, str], title: str) -> dict[str, Any]:
+    """A prompt and its reference answer (GRPO): an `answer` column, else the last assistant turn of
+    any conversation format (what comes before it is the prompt)."""
+    answer_col = columns.get("answer", "answer")
+    if answer_col in rec and fmt not in PREFERENCE_FORMATS:
+        answer = rec[answer_col]
+        if not isinstance(answer, str | int | float) or isinstance(answer, bool) or str(answer).strip() == "":
+            raise RowError(f"`{answer_col}` must be a non-empty text or number (got {answer!r})")
+        rest = {k: v for k, v in rec.items() if k != answer_col}
+        prompt_col = columns.get("prompt", "prompt")
+        if prompt_col in rest and isinstance(rest[prompt_col], str):
+            prompt = [{"role": "user", "content": rest[prompt_col]}]
+        elif prompt_col in rest and isinstance(rest[prompt_col], list):
+            prompt = to_conversation({"messages": rest[prompt_col]}, "messages", {})
+        elif fmt == PROMPT_ANSWER:
+            raise RowError(
+                f"no `{prompt_col}` next to `{answer_col}`: a prompt row needs the question as `prompt` "
+                "(text or messages); map another name with columns: {prompt: your_column}"
+            )
+        else:
+            prompt = [m for m in to_conversation(rest, fmt, columns) if m["role"] != "assistant"]
+        text = str(answer)
+    else:
+        if fmt in PREFERENCE_FORMATS or fmt in ("text", "unpaired"):
+            raise RowError(
+                f"a {fmt} row in {title} data: prompts need a reference answer (an `answer` column, or a "
+                "conversation whose last assistant turn is the answer)"
+            )
+        msgs = to_conversation(rec, fmt, columns)
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        if last < 1:
+            raise RowError(
+                "no assistant turn after a prompt (the last assistant turn is the reference answer)"
+            )
+        prompt, text = msgs[:last], str(msgs[last]["content"])
+    if not prompt or prompt[-1]["role"] == "assistant":
+        raise RowError("the prompt must end with a user turn")
+    return {"prompt": prompt, "answer": text, "messages": [*prompt, {"role": "assistant", "content": text}]}
+
+
 def _load_splits(p: _Preparer, cfg: Config) -> dict[str, SplitResult]:
+    from ..stages import registry
+
     splits: dict[str, SplitResult] = {}
-    for stage in ("sft", "dpo"):
+    for stage in registry.trained(cfg):
         scfg = getattr(cfg.data, stage)
-        if not getattr(cfg, stage).enabled:
-            continue
         if not scfg.train:
             raise DataError(f"{cfg.source}: {stage} is enabled but data.{stage}.train lists no source")
         train = p.load(stage, "train", scfg.train)
@@ -475,7 +584,10 @@ def _load_splits(p: _Preparer, cfg: Config) -> dict[str, SplitResult]:
 def clear_prepared(out_dir: Path) -> None:
     """The previous run's outputs of the data stage, removed before it runs: a failed run must not
     leave old splits and stats to be read as current. Only the files this stage writes."""
-    for name in (*(f"{s}.jsonl" for s in SPLITS), "stats.json", "rejects.jsonl"):
+    from ..stages import registry
+
+    splits = [n for s in registry.training_stages().values() for n in (s.train_split, s.eval_split)]
+    for name in (*(f"{s}.jsonl" for s in splits), "stats.json", "rejects.jsonl"):
         (out_dir / name).unlink(missing_ok=True)
 
 

@@ -44,16 +44,22 @@ def preview(
 ) -> list[str]:
     """Up to n examples from each training split, each with its token counts."""
     out = []
-    for name in ("sft_train", "dpo_train"):
-        for k, row in enumerate(splits.get(name, [])[:n], 1):
-            if name == "dpo_train":
-                for side in ("chosen", "rejected"):
-                    ids, labels = tokenize_conversation(
-                        tok, row["prompt"] + row[side], train_on="last", enable_thinking=enable_thinking
-                    )
-                    out.append(_block(tok, f"{name} #{k} ({side})", ids, labels, style))
-            else:
+    for name, rows in splits.items():
+        for k, row in enumerate(rows[:n], 1):
+            if "input_ids" in row:  # conversations: the tokens as the trainer sees them
                 out.append(_block(tok, f"{name} #{k}", row["input_ids"], row["labels"], style))
+                continue
+            if "chosen" in row:  # a pair: both sides, the reply trained
+                sides = [(side, row["prompt"] + row[side]) for side in ("chosen", "rejected")]
+            elif "label" in row:  # unpaired feedback: the completion, desirable or not
+                sides = [("desirable" if row["label"] else "undesirable", row["prompt"] + row["completion"])]
+            else:  # a prompt and its reference answer (sampled completions are scored against it)
+                sides = [("prompt + reference answer", row["messages"])]
+            for side, msgs in sides:
+                ids, labels = tokenize_conversation(
+                    tok, msgs, train_on="last", enable_thinking=enable_thinking
+                )
+                out.append(_block(tok, f"{name} #{k} ({side})", ids, labels, style))
     return out
 
 

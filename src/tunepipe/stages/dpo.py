@@ -1,30 +1,84 @@
-"""Stage `dpo`: direct preference optimisation with TRL's DPOTrainer, starting from the SFT result.
+"""Stage `dpo`: direct preference optimisation with TRL's DPOTrainer, starting from the previous stage.
 
-The SFT adapter is merged into the base weights and a fresh LoRA adapter is trained on top; with the
-adapter disabled the same network is the SFT model, which is the reference policy (no second copy).
-Writes `dpo/adapter/`, `dpo/log.jsonl`. Gate: training started, loss finite and falling.
+The previous stage's adapter is merged into the base weights and a fresh LoRA adapter is trained on
+top; with the adapter disabled the same network is the previous model, which is the reference policy
+(no second copy). Writes `dpo/adapter/`, `dpo/log.jsonl`. Gate: training started, loss finite and
+falling.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from .. import compat
-from ..collators import length_grouped_order
-from ..config import DPOConfig as DPOSection
-from ..data.prepare import read_split
-from ..dist import world_size
-from ..modeling import (
-    apply_fused_kernels,
-    freeze_all_but_last_layers,
-    load_stage_model,
-    load_tokenizer,
-    lora_config,
-    plan_for,
-    uses_lora,
-)
-from ..training import Training, loss_gate, read_log, save_result, trainer_args
+from pydantic import Field, field_validator, model_validator
+
+from ..config import StageTrainingConfig
 from . import StageContext, StageResult
+from .registry import Curve, TrainingStage
+
+
+class DPOSection(StageTrainingConfig):
+    """`dpo:` preference tuning on prompt / chosen / rejected pairs."""
+
+    # Not supported: packing would cut preference pairs apart. Present only to say so.
+    packing: bool = False
+
+    @field_validator("packing")
+    @classmethod
+    def _no_packing(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "packing is not supported for DPO (chosen and rejected must stay whole); remove it"
+            )
+        return v
+
+    per_device_train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(16, ge=1)
+    learning_rate: float = Field(5e-6, gt=0)
+    beta: float = Field(0.1, gt=0)  # higher keeps the policy closer to the reference
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    # > 0 adds the SFT loss on the chosen reply with this weight (RPO): the policy keeps raising the
+    # probability of good answers instead of only widening the gap, which protects generation quality.
+    sft_weight: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust DPO / cDPO: the chance a label is flipped
+    # The reference policy is the model this stage starts from, held as: adapter = the policy with its
+    # LoRA adapter disabled (no second copy; LoRA only), precompute = its log-probs computed once before
+    # training, copy = a frozen second model (needed for full and freeze); auto = adapter for LoRA,
+    # else copy.
+    reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> DPOSection:
+        if self.reference == "adapter" and self.method not in ("lora", "qlora"):
+            raise ValueError(
+                f"reference: adapter needs a LoRA method (method is {self.method}); "
+                "use reference: copy or precompute"
+            )
+        return self
+
+    def resolved_reference(self) -> str:
+        if self.reference != "auto":
+            return self.reference
+        return "adapter" if self.method in ("lora", "qlora") else "copy"
+
+
+STAGE = TrainingStage(
+    name="dpo",
+    module=__name__,
+    section=DPOSection,
+    data="pairs",
+    title="DPO",
+    summary="preference tuning on chosen/rejected pairs (TRL DPOTrainer)",
+    trainer="trl:DPOTrainer",
+    trainer_config="trl:DPOConfig",
+    curves=(
+        Curve("rewards/accuracies", "reward accuracy"),
+        Curve("rewards/margins", "reward margin"),
+    ),
+    sequences_per_example=2,
+    reference_forward=True,
+    time_share=0.3,
+)
 
 
 def _loss_kwargs(d: DPOSection) -> dict[str, Any]:
@@ -44,11 +98,14 @@ def _pair_chars(r: dict[str, Any]) -> int:
 
 def run(ctx: StageContext) -> StageResult:
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
 
-    cfg, out = ctx.cfg, ctx.stage_dir("dpo")
+    from ..collators import length_grouped_order
+    from ..data.prepare import read_split
+    from ..training import run_trainer_stage, starting_model
+    from . import registry
+
+    cfg, d = ctx.cfg, ctx.cfg.dpo
     rows = read_split(ctx.data_dir, "dpo_train")
-    d = cfg.dpo
     if d.group_by_length:
         # Chosen and rejected are padded to the longest of the micro-batch: similar lengths together.
         group = d.per_device_train_batch_size * d.gradient_accumulation_steps
@@ -56,78 +113,27 @@ def run(ctx: StageContext) -> StageResult:
         rows = [rows[i] for i in order]
     train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
-    plan = plan_for(cfg.model)
-    ctx.log(f"dpo: {len(rows)} pairs; {plan.reason}; attention: {plan.attn_reason}")
-    tok = load_tokenizer(cfg, log=ctx.log)
-    base_args = trainer_args(cfg, "dpo", out, plan, DPOConfig, ctx.smoke)
-    training = Training(ctx, "dpo", out)
+    reference = d.resolved_reference()
+    start = registry.title(registry.previous(cfg, "dpo") or "base")
+    ctx.log(f"dpo: method {d.method}, reference policy: the {start} model ({reference})")
 
-    reference = d.reference if d.reference != "auto" else ("adapter" if uses_lora(d) else "copy")
-    ctx.log(f"dpo: method {d.method}, reference policy: the SFT model ({reference})")
-
-    def _policy() -> Any:
-        model = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log)
-        apply_fused_kernels(model, cfg, plan, log=ctx.log)
-        if d.method == "freeze":
-            freeze_all_but_last_layers(model, d.freeze_trainable_layers)
-        return model
-
-    def _frozen_sft() -> Any:
-        ref = load_stage_model(cfg, plan, ctx.run_dir, "sft", log=ctx.log).eval()
-        apply_fused_kernels(ref, cfg, plan, log=lambda _m: None)
+    def frozen_reference(plan: Any) -> Any:
+        ref = starting_model(ctx, "dpo", plan).eval()
         for p in ref.parameters():
             p.requires_grad = False
         return ref
 
-    def build(batch: int, accum: int) -> Any:
-        args = compat.build(
-            DPOConfig,
-            log=ctx.log,
-            beta=d.beta,
-            label_smoothing=d.label_smoothing,
-            precompute_ref_log_probs=reference == "precompute",
+    return run_trainer_stage(
+        ctx,
+        "dpo",
+        train,
+        f"{len(rows)} pairs",
+        config_kwargs={
+            "beta": d.beta,
+            "label_smoothing": d.label_smoothing,
+            "precompute_ref_log_probs": reference == "precompute",
             **_loss_kwargs(d),
-            **{**base_args, "per_device_train_batch_size": batch, "gradient_accumulation_steps": accum},
-        )
-        return compat.build(
-            DPOTrainer,
-            log=ctx.log,
-            # A fresh SFT model per build: the trainer wraps it with a new LoRA adapter.
-            model=_policy(),
-            ref_model=_frozen_sft() if reference == "copy" else None,
-            args=args,
-            train_dataset=train,
-            processing_class=tok,
-            peft_config=lora_config(d) if uses_lora(d) else None,
-            callbacks=training.callbacks,
-        )
-
-    result = training.run(
-        build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
-    )
-    saved = save_result(training.trainer, out, d)
-
-    log_rows = read_log(out / "log.jsonl")
-    gates = loss_gate(log_rows, False if ctx.smoke else ctx.cfg.training.loss_falling_gate)
-    losses = [r["loss"] for r in log_rows]
-    acc = [r["rewards/accuracies"] for r in log_rows if "rewards/accuracies" in r]
-    return StageResult(
-        summary=(
-            f"{result.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-            + (f", reward accuracy (last) {acc[-1]:.2f}" if acc else "")
-        )
-        if losses
-        else "no steps",
-        gates=gates,
-        outputs={
-            "result": saved,
-            "reference": reference,
-            "per_device_train_batch_size": training.batch,
-            "gradient_accumulation_steps": training.accum,
-            "batch_changes": training.batch_changes,
-            "world_size": world_size(),
-            "base": ["sft/adapter"],
-            "steps": result.global_step,
-            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
         },
+        trainer_kwargs=lambda plan: {"ref_model": frozen_reference(plan) if reference == "copy" else None},
+        outputs={"reference": reference},
     )

@@ -1,5 +1,5 @@
-"""Stage `eval`: every model in `eval.models` (base, SFT, DPO) on every set in `eval.sets`, plus
-lm-evaluation-harness benchmarks when `eval.lm_eval` is set.
+"""Stage `eval`: every model in `eval.models` (base and each trained stage's) on every set in
+`eval.sets`, plus lm-evaluation-harness benchmarks when `eval.lm_eval` is set.
 
 Conversation sets give generation metrics (the reply generated from the prompt scored against the
 reference reply) and loss/perplexity on the reference reply; preference sets give
@@ -100,9 +100,19 @@ def _applicable(kind: str, names: list[str]) -> list[str]:
 def load_sets(ctx: StageContext, limit: int | None) -> list[LoadedSet]:
     cfg, e = ctx.cfg, ctx.cfg.eval
     sets = []
+    from . import registry
+
+    prepared = {s.eval_split: s for s in registry.training_stages().values()}
     for spec in e.sets:
-        if spec.source in ("sft_eval", "dpo_eval"):
-            kind = "conversations" if spec.source == "sft_eval" else "pairs"
+        if spec.source in prepared:
+            stage = prepared[spec.source]
+            if stage.data == "unpaired":
+                raise DataError(
+                    f"eval set {spec.name!r}: {spec.source} holds unpaired feedback (a completion and a "
+                    "label), which has no reference reply or pair to score; use another set"
+                )
+            # Prompts with answers are scored as conversations (the answer is the reference reply).
+            kind = "pairs" if stage.data == "pairs" else "conversations"
             rows = read_split(ctx.data_dir, spec.source)
         else:
             kind, rows = _read_file_set(cfg, spec)
@@ -250,7 +260,7 @@ def run(ctx: StageContext) -> StageResult:
                 Gate(
                     "metrics_written",
                     False,
-                    "no held-out rows: set data.sft.eval / data.dpo.eval or eval_split, or eval.sets",
+                    "no held-out rows: set data.<stage>.eval or eval_split (e.g. data.sft.eval) or eval.sets",
                 )
             ],
         )

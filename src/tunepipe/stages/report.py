@@ -25,19 +25,39 @@ from ..redaction import redact_text
 from ..training import read_log
 from . import Gate, StageContext, StageResult
 
-MODELS = ("base", "sft", "dpo")
 LOWER_IS_BETTER = {"loss", "perplexity"}
-# Curves drawn per training stage, when the trainer logged them.
-CURVES = {
-    "sft": [("loss", "loss"), ("learning_rate", "learning rate"), ("grad_norm", "grad norm")],
-    "dpo": [
-        ("loss", "loss"),
-        ("learning_rate", "learning rate"),
-        ("grad_norm", "grad norm"),
-        ("rewards/accuracies", "reward accuracy"),
-        ("rewards/margins", "reward margin"),
-    ],
-}
+# Curves drawn for every training stage, when the trainer logged them; each stage adds its own
+# (stages.registry: TrainingStage.curves).
+COMMON_CURVES = [("loss", "loss"), ("learning_rate", "learning rate"), ("grad_norm", "grad norm")]
+
+
+def curves_of(stage: str) -> list[tuple[str, str]]:
+    from . import registry
+
+    own = registry.get(stage).curves if registry.is_training_stage(stage) else ()
+    return [*COMMON_CURVES, *((c.key, c.label) for c in own)]
+
+
+def _models(metrics: dict[str, Any]) -> list[str]:
+    """The models of metrics.json in the order eval wrote them (base first, then pipeline order)."""
+    return sorted(metrics, key=lambda m: m != "base")
+
+
+def _pipeline_of(config_text: str) -> list[str]:
+    """The run's training stages in order, from its config.resolved.yaml (older runs: sft, dpo)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config_text) if config_text else None
+    except yaml.YAMLError:
+        raw = None
+    order = raw.get("pipeline") if isinstance(raw, dict) else None
+    if not isinstance(order, list):
+        order = ["sft", "dpo"]
+    sections = raw if isinstance(raw, dict) else {}
+    return [s for s in order if isinstance(s, str) and (sections.get(s) or {}).get("enabled") is not False]
+
+
 SAMPLES_SHOWN = 6
 REJECT_WARN = 0.05  # a source losing more than this share of its rows is worth a look
 TRUNCATION_WARN = 0.10
@@ -69,6 +89,7 @@ class RunData:
     logs: dict[str, list[dict[str, Any]]]
     stage_json: dict[str, dict[str, Any]]
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # the trained stages, in pipeline order
 
     @property
     def digest(self) -> str:
@@ -80,17 +101,20 @@ class RunData:
 
 def read_run(run_dir: Path) -> RunData:
     cfg_path = run_dir / "config.resolved.yaml"
+    config_text = cfg_path.read_text() if cfg_path.is_file() else ""
+    stages = _pipeline_of(config_text)
     return RunData(
         run_dir=run_dir,
         name=run_dir.name,
         pipeline=_read_json(run_dir / "pipeline.json"),
         env=_read_json(run_dir / "env.json"),
-        config_text=cfg_path.read_text() if cfg_path.is_file() else "",
+        config_text=config_text,
         metrics=_read_json(run_dir / "eval" / "metrics.json"),
         stats=_read_json(run_dir / "data" / "stats.json"),
-        logs={s: read_log(run_dir / s / "log.jsonl") for s in ("sft", "dpo")},
-        stage_json={s: _read_json(run_dir / s / "stage.json") for s in ("sft", "dpo", "eval")},
+        logs={s: read_log(run_dir / s / "log.jsonl") for s in stages},
+        stage_json={s: _read_json(run_dir / s / "stage.json") for s in (*stages, "eval")},
         rejects=_read_jsonl(run_dir / "data" / "rejects.jsonl"),
+        stages=stages,
     )
 
 
@@ -111,9 +135,9 @@ def _worse(metric: str, before: float, after: float) -> bool:
 
 
 def metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
-    models = [m for m in MODELS if m in metrics]
+    models = _models(metrics)
     header = ["set", "metric", *models]
-    deltas = [(a, b) for a, b in (("base", "sft"), ("sft", "dpo")) if a in models and b in models]
+    deltas = list(zip(models, models[1:], strict=False))  # each model against the one it started from
     header += [f"Δ {b}−{a}" for a, b in deltas]
     rows = [header]
     sets = list(dict.fromkeys(s for m in models for s in metrics[m]))
@@ -216,9 +240,8 @@ def warnings_for(run: RunData) -> list[str]:
             why = f": {rec['error']}" if rec.get("error") else ""
             out.append(f"stage {rec_name} is {rec['status']}{why}")
     m = run.metrics
-    for a, b in (("base", "sft"), ("sft", "dpo")):
-        if a not in m or b not in m:
-            continue
+    order = _models(m)
+    for a, b in zip(order, order[1:], strict=False):
         for s, vals in m[b].items():
             for k, vb in vals.items():
                 va = m[a].get(s, {}).get(k)
@@ -240,7 +263,9 @@ def _pyplot() -> Any:
 
 
 def plot_curves(log: list[dict[str, Any]], stage: str, dest: Path) -> bool:
-    curves = [(k, t) for k, t in CURVES[stage] if any(isinstance(r.get(k), int | float) for r in log)]
+    from . import registry
+
+    curves = [(k, t) for k, t in curves_of(stage) if any(isinstance(r.get(k), int | float) for r in log)]
     if not curves:
         return False
     plt = _pyplot()
@@ -250,7 +275,7 @@ def plot_curves(log: list[dict[str, Any]], stage: str, dest: Path) -> bool:
     for ax, (key, title) in zip(axes.flat, curves, strict=False):
         pts = [(r["step"], r[key]) for r in log if isinstance(r.get(key), int | float)]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1.2, color="#1f77b4")
-        ax.set(xlabel="step", title=f"{stage.upper()} {title}")
+        ax.set(xlabel="step", title=f"{registry.title(stage)} {title}")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
@@ -338,7 +363,7 @@ def _data_md(run: RunData) -> list[str]:
 
 def sample_tables(run: RunData, n: int = SAMPLES_SHOWN) -> dict[str, list[list[str]]]:
     """Per conversation set: prompt, reference and each model's output (✓ when its first score is 1)."""
-    models = [m for m in MODELS if m in run.metrics]
+    models = _models(run.metrics)
     sets = list(dict.fromkeys(s for m in models for s in run.metrics[m]))
     tables = {}
     for s in sets:
@@ -465,7 +490,7 @@ def write_report(run: RunData, cfg: Config | None, out: Path, smoke: bool = Fals
     warnings = warnings_for(run)
     table = metrics_table(run.metrics) if run.metrics else []
     curve_pngs = []
-    for stage in ("sft", "dpo"):
+    for stage in run.stages:
         if plots_on and plot_curves(run.logs.get(stage, []), stage, out / f"{stage}_curves.png"):
             curve_pngs.append(out / f"{stage}_curves.png")
     length_png = out / "lengths.png"
@@ -484,7 +509,7 @@ def write_report(run: RunData, cfg: Config | None, out: Path, smoke: bool = Fals
         "## Training",
         "",
     ]
-    for stage in ("sft", "dpo"):
+    for stage in run.stages:
         sj = run.stage_json.get(stage)
         if sj:
             md.append(f"- **{stage}**: {sj.get('summary', '')} ({sj.get('seconds', '?')} s)")
@@ -557,7 +582,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
         dict.fromkeys(
             (m, s, k)
             for r in runs
-            for m in MODELS
+            for m in _models(r.metrics)
             for s, vals in r.metrics.get(m, {}).items()
             for k in vals
             if k != "n"
@@ -576,7 +601,7 @@ def compare_runs(run_dirs: list[Path], out: Path) -> Path:
     if diff:
         blocks += ["<h2>Config differences</h2>", _html_table(diff)]
     for n, r in zip(names, runs, strict=True):
-        for stage in ("sft", "dpo"):
+        for stage in r.stages:
             png = out / f"{n}_{stage}_curves.png"
             if plot_curves(r.logs.get(stage, []), stage, png):
                 blocks += [f"<h3>{html.escape(n)}: {stage}</h3>", _img(png)]
