@@ -2,7 +2,9 @@
 
 - a conversation: a list of {"role", "content"} messages (SFT), `reasoning_content` kept;
 - plain text for language modelling: {"text": str} (SFT, every token trained);
-- a preference pair: {"prompt": messages, "chosen": messages, "rejected": messages} (DPO).
+- a preference pair: {"prompt": messages, "chosen": messages, "rejected": messages} (DPO);
+- unpaired feedback: {"prompt": messages, "completion": messages, "label": bool} (KTO): one completion
+  with a thumbs up (true) or down (false); a preference pair gives two such rows.
 
 `columns` maps the canonical field names to the user's (`{prompt: question, response: answer}`).
 Every problem is a RowError whose message names the field (as the user calls it) and the fix; the
@@ -35,7 +37,8 @@ EXTRA_MESSAGE_FIELDS = ("reasoning_content", "tool_calls", "name", "tool_call_id
 
 SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "alpaca", "text")
 PREFERENCE_FORMATS = ("preference", "preference_implicit", "sharegpt_preference")
-FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
+UNPAIRED_FORMATS = ("unpaired",)
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS + UNPAIRED_FORMATS
 # What each format needs, in canonical names; shown when detection fails.
 SIGNATURES = {
     "messages": "messages: [{role, content}, ...]",
@@ -46,6 +49,7 @@ SIGNATURES = {
     "preference": "prompt + chosen + rejected",
     "preference_implicit": "chosen + rejected: whole conversations sharing the prompt",
     "sharegpt_preference": "conversations + chosen + rejected ({from, value} objects)",
+    "unpaired": "prompt + completion + label, or messages + label (label: true = good, false = bad)",
 }
 # Canonical names users often map with a different word.
 SYNONYMS = {"response": "completion", "answer": "completion", "question": "prompt", "query": "prompt"}
@@ -90,7 +94,8 @@ class Fields:
 
 def candidates(record: dict[str, Any], columns: dict[str, str]) -> list[str]:
     """Every format this record fits."""
-    keys = Fields(record, columns).keys()
+    f = Fields(record, columns)
+    keys = f.keys()
     out = []
     if {"chosen", "rejected"} <= keys:
         if "conversations" in keys:
@@ -100,6 +105,10 @@ def candidates(record: dict[str, Any], columns: dict[str, str]) -> list[str]:
         else:
             out.append("preference_implicit")
         return out
+    # Only a yes/no label makes feedback: a category column called `label` stays SFT data.
+    feedback = "label" in keys and _label_value(f.get("label", required=False)) is not None
+    if feedback and ({"prompt", "completion"} <= keys or "messages" in keys):
+        return ["unpaired"]
     if "messages" in keys:
         out.append("messages")
     if "conversations" in keys:
@@ -346,3 +355,99 @@ def to_preference(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> 
     if chosen == rejected:
         raise RowError("chosen is identical to rejected: the pair teaches nothing")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# --------------------------------------------------------------------------- unpaired feedback (KTO)
+
+# A label is a thumbs up (true: a desirable completion) or down (false). JSON booleans, the numbers 1
+# and 0, and these words in any case (CSV cells and exports from feedback tools are text).
+LABEL_WORDS = {
+    "true": True,
+    "yes": True,
+    "up": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "down": False,
+    "0": False,
+}
+
+
+def _label_value(value: Any) -> bool | None:
+    """True / False for an accepted label value, None for anything else."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return LABEL_WORDS.get(value.strip().lower())
+    return None
+
+
+def parse_label(value: Any, field: str = "label") -> bool:
+    label = _label_value(value)
+    if label is None:
+        raise RowError(
+            f"{field}: {value!r} is not a thumbs up or down; use true or false "
+            '(also accepted: 1/0, "yes"/"no", "up"/"down")'
+        )
+    return label
+
+
+def _unpaired_row(prompt: Conversation, completion: Conversation, label: bool) -> dict[str, Any]:
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def to_unpaired(record: dict[str, Any], fmt: str, columns: dict[str, str]) -> list[dict[str, Any]]:
+    """A record -> rows of {"prompt": messages, "completion": messages, "label": bool} (KTO).
+
+    A preference pair gives two rows: chosen with label true, rejected with label false. Unpaired
+    feedback (format unpaired, or prompt_completion / messages with a label) gives one: prompt +
+    completion, or messages whose last assistant turn is the completion. A string prompt becomes a
+    user turn (plus `system`, if given)."""
+    if fmt in PREFERENCE_FORMATS:
+        pair = to_preference(record, fmt, columns)
+        return [
+            _unpaired_row(pair["prompt"], pair["chosen"], True),
+            _unpaired_row(pair["prompt"], pair["rejected"], False),
+        ]
+    f = Fields(record, columns)
+    if fmt not in ("unpaired", "prompt_completion", "messages"):
+        raise RowError(
+            f"a {fmt} row in unpaired feedback data: give prompt + completion + label, messages + label, "
+            f"or preference pairs (one of {', '.join(PREFERENCE_FORMATS)})"
+        )
+    if not f.has("label"):
+        raise RowError(
+            f"no `{f.name('label')}`: unpaired feedback needs {f.name('label')} true/false (thumbs up/down) "
+            "with each completion; map another column with columns: {label: your_column}, "
+            "or give preference pairs (prompt/chosen/rejected)"
+        )
+    label = parse_label(f.get("label"), f.name("label"))
+    if fmt == "messages" or (fmt == "unpaired" and not (f.has("prompt") and f.has("completion"))):
+        msgs = _check_messages(f.get("messages"), f.name("messages"))
+        where = f.name("messages")
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=-1)
+        if last == -1:
+            raise RowError(f"{where}: no assistant turn: the last assistant turn is the completion")
+        if last != len(msgs) - 1:
+            raise RowError(
+                f"{where}: turns after the last assistant turn ({msgs[-1]['role']!r}): "
+                "the conversation must end with the rated completion"
+            )
+        prompt, completion, skip = msgs[:last], msgs[last:], 0
+    else:
+        where = f"{f.name('prompt')} + {f.name('completion')}"
+        prompt = _as_messages(f.get("prompt"), f.name("prompt"), "user")
+        completion = _as_messages(f.get("completion"), f.name("completion"), "assistant")
+        if prompt[0]["role"] != "system":
+            system = _system(f)
+            prompt, skip = system + prompt, len(system)
+        else:
+            skip = 0
+        if completion[-1]["role"] != "assistant":
+            raise RowError(f"{f.name('completion')}: the last turn must be the assistant's rated completion")
+    if not any(m["role"] == "user" for m in prompt):
+        raise RowError(f"{where}: no user turn before the completion: nothing to answer")
+    check_turn_order(prompt + completion, where, skip)
+    return [_unpaired_row(prompt, completion, label)]

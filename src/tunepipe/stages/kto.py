@@ -2,8 +2,9 @@
 
 Reads `data/kto_train.jsonl` (a prompt, one completion and a boolean label: thumbs up or down;
 preference pairs are split into a desirable and an undesirable row) and trains a fresh LoRA adapter
-on the previous stage's result (the adapter-disabled model is the reference). Writes `kto/adapter/`,
-`kto/log.jsonl`. Gate: training started, loss finite and falling.
+on the previous stage's result (the adapter-disabled model is the reference; methods full and freeze
+get a frozen copy). Writes `kto/adapter/` (or `kto/model/`), `kto/log.jsonl` with TRL's KTO metrics
+(kl, rewards/chosen|rejected|margins, logps/...). Gate: training started, loss finite and falling.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class KTOSection(StageTrainingConfig):
     # weight x count is about equal (KTO paper: ratio within 1 to 4/3).
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
+    # TRL reads KTO rows in order (see run): false = a seeded shuffle, true = seeded length groups.
     group_by_length: bool = False
 
 
