@@ -382,6 +382,9 @@ class Config(Section):
     # The training stages in order; each starts from the previous one's result (the first from the
     # base model): [sft, dpo], [sft, grpo], [sft, dpo, grpo], [sft, kto], ...
     pipeline: list[str] = Field(default_factory=lambda: ["sft", "dpo"])
+    # Your own stage modules (importable names; the config's folder is searched first): each defines
+    # STAGE (a stages.registry.TrainingStage) and run(ctx), and its name can then go in `pipeline`.
+    plugins: list[str] = Field(default_factory=list)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -572,7 +575,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: the top level must be a mapping of sections (project:, model:, ...)")
         raw = loaded
     raw = apply_overrides(raw, overrides)
-    from .stages.registry import config_model
+    from .stages.registry import config_model, load_plugins
+
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+        raise ConfigError(f"{source}: plugins: a list of module names (got {plugins!r})")
+    try:
+        load_plugins(plugins, base)
+    except ValueError as e:
+        raise ConfigError(f"{source}: plugins: {e}") from None
 
     try:
         cfg = config_model().model_validate(raw)

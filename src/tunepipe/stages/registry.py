@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -109,6 +110,30 @@ def register(stage: TrainingStage) -> TrainingStage:
         raise ValueError(f"stage {stage.name!r}: data {stage.data!r} is not one of {', '.join(DATA_KINDS)}")
     _STAGES[stage.name] = stage
     return stage
+
+
+def load_plugins(modules: list[str], base_dir: Path) -> None:
+    """Import the config's `plugins` (the config's folder searched first, like scorer modules) and
+    register the STAGE each defines. ValueError naming the module when one cannot be used."""
+    import sys
+
+    for name in modules:
+        added = str(base_dir) not in sys.path
+        if added:
+            sys.path.insert(0, str(base_dir))
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ValueError(f"cannot import {name!r} ({e}); put {name}.py next to the config") from None
+        finally:
+            if added:
+                sys.path.remove(str(base_dir))
+        stage = getattr(module, "STAGE", None)
+        if not isinstance(stage, TrainingStage):
+            raise ValueError(f"{name!r} defines no STAGE (a tunepipe.stages.registry.TrainingStage)")
+        if not callable(getattr(module, "run", None)):
+            raise ValueError(f"{name!r} has no run(ctx) function")
+        register(stage)
 
 
 def unregister(name: str) -> None:
