@@ -455,15 +455,21 @@ class Training:
                 )
                 trainer = None
                 _free_memory()
-                if batch > 1 and world_size() > 1:
+                # The smallest micro-batch the stage's trainer takes (KTO: 2, for its KL estimate).
+                from .stages import registry
+
+                floor = registry.get(self.stage).min_micro_batch
+                if batch // 2 >= floor and world_size() > 1:
                     # The other processes wait in a collective for this one: they cannot halve in step
                     # here. The launcher relaunches every process at half the micro-batch.
                     from .launch import GroupOutOfMemory
 
                     raise GroupOutOfMemory(where, batch, accum) from None
-                if batch == 1:
+                if batch // 2 < floor:
                     raise OutOfMemory(
-                        f"[{self.stage}] out of memory {where} even with micro-batch 1. Options: "
+                        f"[{self.stage}] out of memory {where} even with micro-batch {batch}"
+                        + (f" (the smallest {self.stage} takes)" if floor > 1 else "")
+                        + ". Options: "
                         "method: qlora (model.load_in_4bit: true), a shorter data.max_length, "
                         "gradient_checkpointing: true, fewer lora.target_modules, or a smaller model"
                     ) from None

@@ -44,6 +44,7 @@ STAGE = TrainingStage(
     trainer_config="trl:KTOConfig",
     curves=(Curve("rewards/margins", "reward margin"), Curve("kl", "KL")),
     reference_forward=True,
+    min_micro_batch=2,
     time_share=0.3,
 )
 

@@ -62,6 +62,8 @@ class TrainingStage:
     sequences_per_example: int = 1
     reference_forward: bool = False
     generates: bool = False
+    # The smallest micro-batch its trainer accepts: the out-of-memory guard halves down to it, no lower.
+    min_micro_batch: int = 1
     # A default share of hardware.time_limit (normalised with data 0.05, eval 0.12, report 0.03).
     time_share: float = 0.3
     # Packages its run needs beyond the core (pip name -> why); checked by the preflight.
