@@ -11,6 +11,7 @@ import yaml
 from tunepipe.compat import adapt_kwargs, build
 from tunepipe.config import load_config
 from tunepipe.modeling import Plan, cpu_supports_bf16, load_kwargs, plan_for, resolve_attention
+from tunepipe.plan import Machine, resolve_plan
 from tunepipe.training import trainer_args
 
 GPU_PLAN = Plan("cuda", "sdpa", "test", "bfloat16", False, "a GPU plan, built by hand: no GPU here")
@@ -25,7 +26,7 @@ def _cfg(tmp_path: Path, **sections) -> object:
 def test_attention_auto_is_sdpa_with_the_reason_when_flash_attn_cannot_run() -> None:
     impl, why = resolve_attention("auto")
     assert impl == "sdpa"  # this machine has no CUDA GPU, so flash-attn cannot run here
-    assert why.startswith("sdpa because") and "no CUDA GPU" in why
+    assert why == "no CUDA GPU here: flash-attn needs a CUDA GPU"
     assert resolve_attention("eager") == ("eager", "set in model.attn_implementation")
 
 
@@ -72,9 +73,12 @@ def test_ddp_and_4bit_put_the_whole_model_on_the_local_gpu(tmp_path: Path, load_
         sft={"method": "qlora" if load_in_4bit else "lora"},
         dpo={"method": "qlora" if load_in_4bit else "lora"},
     )
-    under_ddp = load_kwargs(cfg, GPU_PLAN, {"WORLD_SIZE": "4", "LOCAL_RANK": "3"})
+    # The plan decides the map (resolve_plan, from the process count); the environment names the GPU.
+    four_gpus = resolve_plan(cfg, Machine("cuda", "CUDA GPU here", gpus=4, gpu_bf16=True, processes=4))
+    under_ddp = load_kwargs(cfg, four_gpus, {"WORLD_SIZE": "4", "LOCAL_RANK": "3"})
     assert under_ddp["device_map"] == {"": 3}
-    single = load_kwargs(cfg, GPU_PLAN, {})
+    one_gpu = resolve_plan(cfg, Machine("cuda", "CUDA GPU here", gpus=1, gpu_bf16=True))
+    single = load_kwargs(cfg, one_gpu, {})
     if load_in_4bit:
         assert single["device_map"] == {"": 0}
         q = single["quantization_config"]

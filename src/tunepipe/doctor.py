@@ -5,8 +5,10 @@ dtype, quantization, device map, checkpointing, effective batch, memory and time
 every problem's one-line fix and whether it blocks a run.
 
 The config describes the hardware a run is planned for (`hardware.gpus`), which need not be this
-machine: the checks say what this machine has, the plan says what the target will do. Nothing here
-loads model weights; the checks take a few seconds.
+machine: the checks say what this machine has, the plan says what the target will do. Attention,
+dtype, quantization and device map are `plan.resolve_plan` on `Machine.target` (the same rule training
+uses on this machine); this module only shows them. Nothing here loads model weights; the checks take
+a few seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Literal
 from . import sharding
 from .config import Config, ConfigError, load_config
 from .modeling import BNB_INSTALL
+from .plan import Machine, Plan, resolve_plan
 from .preflight import Check, hub_offline, preflight_checks
 
 PIPELINE_STAGES = ("data", "sft", "dpo", "eval", "report")
@@ -500,74 +503,51 @@ def _fmt_h(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def _attention(cfg: Config, env: Environment) -> dict[str, str]:
-    requested = cfg.model.attn_implementation
-    if requested != "auto":
-        return {"value": requested, "reason": "set in model.attn_implementation"}
-    if cfg.hardware.gpus == 0:
-        return {"value": "sdpa", "reason": "CPU target (hardware.gpus: 0): flash-attn needs a CUDA GPU"}
+def machine_here(env: Environment) -> Machine:
+    """This machine, as `plan.Machine`, from doctor's probe (so a described GPU node plans like one)."""
     status, detail = env.flash_attn
-    if status == "ok":
-        return {"value": "flash_attention_2", "reason": f"flash-attn imports and runs here ({detail})"}
     if not env.gpus:
-        return {
-            "value": "sdpa",
-            "reason": "the plan is for the target GPUs; flash-attn could not be probed on this machine "
-            f"(no GPU; flash-attn {detail}), so sdpa is the safe default. `auto` picks flash_attention_2 "
-            "at run time where flash-attn imports and runs",
-        }
-    return {"value": "sdpa", "reason": f"flash-attn not usable here ({detail})"}
-
-
-def _dtype(cfg: Config, env: Environment) -> dict[str, Any]:
-    requested = cfg.model.dtype
-    if cfg.hardware.gpus == 0:
-        if requested != "auto":  # float32 = fp32 throughout, no autocast
-            return {"value": requested, "autocast": None, "reason": "set in model.dtype"}
-        autocast = "bfloat16" if env.cpu_bf16 else None
-        why = "CPU with bf16 support: fp32 weights, bf16 autocast" if autocast else "CPU without bf16: fp32"
-        return {"value": "float32", "autocast": autocast, "reason": why}
-    if requested != "auto":
-        return {"value": requested, "autocast": None, "reason": "set in model.dtype"}
-    if env.gpus:
-        bf16 = all(g.bf16 for g in env.gpus)
-        where = "the GPUs here " + ("support bf16" if bf16 else "lack bf16 (older than Ampere)")
-        return {"value": "bfloat16" if bf16 else "float16", "autocast": None, "reason": f"auto: {where}"}
-    return {
-        "value": "bfloat16",
-        "autocast": None,
-        "reason": "auto: bf16 on the target GPUs (assumed Ampere or newer, e.g. A100/H100; fp16 on older)",
-    }
-
-
-def _quantization(cfg: Config, dtype: str) -> str:
-    m = cfg.model
-    if not m.load_in_4bit:
-        return f"none ({dtype} weights)"
-    return (
-        f"4-bit NF4 (bitsandbytes), double quantization, {dtype} compute, {m.bnb_4bit_quant_storage} storage"
+        return Machine(
+            "cpu",
+            "no CUDA GPU here",
+            cpu_bf16=env.cpu_bf16,
+            flash_attn=False,
+            flash_attn_why=detail,
+            bnb_4bit=env.bnb_cpu,
+            bnb_4bit_why=env.bitsandbytes[1],
+        )
+    return Machine(
+        "cuda",
+        "CUDA GPU here",
+        gpus=len(env.gpus),
+        gpu_name=env.gpus[0].name,
+        gpu_memory_gb=min(g.memory_gb for g in env.gpus),
+        gpu_bf16=all(g.bf16 for g in env.gpus),
+        cpu_bf16=env.cpu_bf16,
+        flash_attn=status == "ok",
+        flash_attn_why=detail,
+        bnb_4bit=env.bnb_cuda,
+        bnb_4bit_why=env.bitsandbytes[1],
     )
 
 
-def _device_map(cfg: Config) -> dict[str, str]:
-    procs = _processes(cfg)
-    if cfg.hardware.gpus == 0:
-        if cfg.model.load_in_4bit:
-            return {
-                "value": "none (cpu)",
-                "reason": "CPU target: each process quantizes and holds its whole 4-bit model in RAM",
-            }
-        return {"value": "none (cpu)", "reason": "CPU target"}
-    if cfg.model.load_in_4bit or procs > 1:
-        kind = sharding.resolve(cfg).label
-        why = (
-            f"{procs} processes ({kind}): each loads the model onto its own GPU"
-            + (", then it is sharded" if kind in ("fsdp", "zero3") else ": a whole copy per GPU")
-            if procs > 1
-            else "4-bit weights load straight onto the GPU"
-        )
-        return {"value": '{"": local_rank}', "reason": why}
-    return {"value": "none (the trainer moves the model to cuda:0)", "reason": "one GPU, no quantization"}
+def target_plan(cfg: Config, env: Environment) -> Plan:
+    """The resolved plan of `cfg` on its target hardware, as far as this machine can tell."""
+    return resolve_plan(cfg, Machine.target(cfg, machine_here(env)))
+
+
+def _attention(plan: Plan) -> dict[str, str]:
+    return {"value": plan.attn_implementation, "reason": plan.attn_reason}
+
+
+def _dtype(plan: Plan) -> dict[str, Any]:
+    autocast = "bfloat16" if plan.bf16_autocast else None
+    return {"value": plan.dtype, "autocast": autocast, "reason": plan.dtype_reason}
+
+
+def _device_map(plan: Plan) -> dict[str, str]:
+    value = '{"": local_rank}' if plan.device_map == "local_rank" else "none"
+    return {"value": value, "reason": plan.device_map_reason}
 
 
 def _checkpointing(cfg: Config, stage: str) -> dict[str, Any]:
@@ -986,8 +966,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
     """The resolved plan for the config's target hardware, per stage, and what does not fit together."""
     env = env or probe_environment()
     hw = cfg.hardware
-    attention = _attention(cfg, env)
-    dtype = _dtype(cfg, env)
+    plan = target_plan(cfg, env)
+    attention, dtype, device_map = _attention(plan), _dtype(plan), _device_map(plan)
     memory = f" {hw.gpu_memory_gb:g} GB" if hw.gpu_memory_gb else ""
     target = f"{hw.gpus}× GPU{memory}" if hw.gpus else "CPU"
     here = f"{len(env.gpus)}× {env.gpus[0].name}" if env.gpus else "no GPU"
@@ -1008,8 +988,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
             "method": s.method,
             "attention": attention,
             "dtype": dtype,
-            "quantization": _quantization(cfg, dtype["value"]),
-            "device_map": _device_map(cfg),
+            "quantization": plan.quantization,
+            "device_map": device_map,
             "gradient_checkpointing": _checkpointing(cfg, stage),
             "kernels": _kernels(cfg),
             "batch": _batch(cfg, stage),

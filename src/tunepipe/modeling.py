@@ -1,30 +1,23 @@
-"""Model and tokenizer loading: which attention kernel, which dtype, quantization, device map, LoRA.
+"""Model and tokenizer loading: quantization, device map, LoRA, fused kernels; and the probes of this
+machine that the plan is resolved from (flash-attn, bitsandbytes, CPU bf16).
 
-Every choice comes with the reason for it, so `doctor` and the logs can say what was picked and why.
+Which attention kernel, dtype and device map is decided in `plan.resolve_plan` (with the reason for
+each, so `doctor` and the logs can say what was picked and why); `plan_for` asks it for this machine.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .compat import dtype_kwarg
 from .config import Config, ConfigError, ModelConfig, StageTrainingConfig
+from .plan import Machine, Plan, resolve_plan
+from .plan import resolve_attention as _attention_rule
 from .quickstart.model import resolve_model_path
-
-
-@dataclass(frozen=True)
-class Plan:
-    device: str  # "cuda" | "cpu"
-    attn_implementation: str
-    attn_reason: str
-    dtype: str  # weights dtype
-    bf16_autocast: bool  # mixed precision for training
-    reason: str
 
 
 @cache
@@ -44,7 +37,8 @@ def cuda_available() -> bool:
 
 
 def flash_attn_usable() -> tuple[bool, str]:
-    """Import flash_attn and run it once: a wheel built for another torch imports but fails at call time."""
+    """Import flash_attn and run it once: a wheel built for another torch imports but fails at call time.
+    The detail names the version that runs, or what failed."""
     if not cuda_available():
         return False, "no CUDA GPU"
     try:
@@ -53,12 +47,11 @@ def flash_attn_usable() -> tuple[bool, str]:
 
         q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
         flash_attn_func(q, q, q)
-        return True, "flash-attn imports and runs"
+        from .compat import version_tuple
+
+        return True, f"flash-attn {'.'.join(map(str, version_tuple('flash-attn'))) or '?'} runs a call"
     except Exception as e:  # ImportError, undefined symbol (ABI mismatch), unsupported GPU
-        return (
-            False,
-            f"flash-attn not usable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
-        )
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 
 
 # The first bitsandbytes release whose 4-bit layers run on the CPU is 0.46.0 (torch custom ops with a
@@ -117,31 +110,17 @@ def bnb_4bit_on_cpu() -> tuple[bool, str]:
 
 
 def resolve_attention(requested: str) -> tuple[str, str]:
-    if requested != "auto":
-        return requested, "set in model.attn_implementation"
-    ok, why = flash_attn_usable()
-    if ok:
-        return "flash_attention_2", why
-    return "sdpa", f"sdpa because {why}"
+    """The attention kernel for `model.attn_implementation` on this machine, and why."""
+    return _attention_rule(requested, Machine.this())
 
 
-def plan_for(model_cfg: ModelConfig) -> Plan:
-    attn, attn_reason = resolve_attention(model_cfg.attn_implementation)
-    if cuda_available():
-        import torch
-
-        bf16 = torch.cuda.is_bf16_supported()
-        dtype = {"auto": "bfloat16" if bf16 else "float16"}.get(model_cfg.dtype, model_cfg.dtype)
-        return Plan("cuda", attn, attn_reason, dtype, False, f"GPU: {dtype} weights")
-    if model_cfg.dtype != "auto":  # float32 = fp32 throughout, without bf16 autocast
-        return Plan("cpu", attn, attn_reason, model_cfg.dtype, False, f"CPU: {model_cfg.dtype} as configured")
-    autocast = cpu_supports_bf16()
-    why = (
-        "CPU with bf16 support: fp32 weights, bf16 autocast"
-        if autocast
-        else ("CPU without AMX/avx512_bf16: fp32 (bf16 would be slower here)")
-    )
-    return Plan("cpu", attn, attn_reason, "float32", autocast, why)
+def plan_for(cfg: Config | ModelConfig) -> Plan:
+    """The plan on this machine, in this process (its process group from WORLD_SIZE): `resolve_plan`
+    with `Machine.this()`. Given only the model section, the hardware section is taken at its defaults
+    (only the device map's reason under several processes names the sharding from it)."""
+    if isinstance(cfg, ModelConfig):  # no validation: only the model and hardware sections are read
+        cfg = Config.model_construct(model=cfg)
+    return resolve_plan(cfg, Machine.this(four_bit=cfg.model.load_in_4bit))
 
 
 def local_rank() -> int:
@@ -245,7 +224,7 @@ def apply_fused_kernels(model: Any, cfg: Config, plan: Plan, log: Any = print) -
 
 
 def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """from_pretrained arguments for this plan; `env` is the process environment (DDP variables)."""
+    """from_pretrained arguments for this plan; `env` is the process environment (LOCAL_RANK)."""
     import torch
 
     env = dict(os.environ) if env is None else env
@@ -265,23 +244,16 @@ def load_kwargs(cfg: Config, plan: Plan, env: dict[str, str] | None = None) -> d
             bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
             bnb_4bit_quant_storage=getattr(torch, cfg.model.bnb_4bit_quant_storage),
         )
-    if plan.device == "cuda" and (cfg.model.load_in_4bit or "WORLD_SIZE" in env):
-        # Under DDP every process must own its whole model copy on its own GPU; device_map="auto"
-        # would spread one copy over all GPUs and DDP then fails (or 4-bit loads on the wrong one).
+    if plan.device_map == "local_rank":  # why: plan.device_map_reason (plan.resolve_plan decides it)
         kwargs["device_map"] = {"": int(env.get("LOCAL_RANK", "0"))}
-    # On the CPU no device map: every process (several over gloo included) loads its whole model, 4-bit
-    # or not, into its own memory; transformers quantizes on the CPU when there is no GPU.
     return kwargs
 
 
 def require_4bit(cfg: Config, plan: Plan) -> None:
-    """model.load_in_4bit can load on this plan's device, or a ConfigError that names the fix. On a GPU
-    transformers checks the CUDA build itself; a missing or too old package is said here."""
-    if plan.device == "cpu":
-        ok, why = bnb_4bit_on_cpu()
-        problem = None if ok else why
-    else:
-        problem = bnb_version_problem()
+    """model.load_in_4bit can load on this plan's device (`Machine.this` probed it: on the CPU one 4-bit
+    layer runs; on a GPU transformers checks the CUDA build itself, a missing or too old package is said
+    here), or a ConfigError that names the fix."""
+    problem = plan.four_bit_problem
     if problem is None:
         return
     raise ConfigError(

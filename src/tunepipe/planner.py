@@ -109,6 +109,7 @@ from typing import Any, Literal
 
 from . import sharding
 from .config import Config, StageTrainingConfig
+from .plan import Machine, resolve_plan
 
 Stage = Literal["sft", "dpo"]
 Device = Literal["cuda", "cpu"]
@@ -383,23 +384,14 @@ def _setup(
 ) -> Setup:
     s: StageTrainingConfig = getattr(cfg, stage)
     dev = resolve_device(cfg, device)
-    world = sharding.world_size(cfg)
+    plan = resolve_plan(cfg, Machine.target(cfg, device=dev))
+    world = plan.processes
     configured = sharding.resolve(cfg)
     shard = shard or configured.label
     zero = int(shard[-1]) if shard.startswith("zero") else 0
     # A DeepSpeed JSON's optimizer offload applies to the configured choice only (and to GPUs).
     offload = dev == "cuda" and shard == configured.label and configured.offload_optimizer
-    if dev == "cuda":
-        wbytes = 4.0 if cfg.model.dtype == "float32" else 2.0
-        autocast = False
-    elif cfg.model.dtype == "auto":
-        from .modeling import cpu_supports_bf16
-
-        wbytes, autocast = 4.0, cpu_supports_bf16()
-    elif cfg.model.dtype == "float32":  # fp32 throughout: no autocast
-        wbytes, autocast = 4.0, False
-    else:
-        wbytes, autocast = 2.0, False
+    wbytes = 4.0 if plan.dtype == "float32" else 2.0  # 4-bit layers are counted in _weights_bytes
     if checkpointing is None:
         checkpointing = s.gradient_checkpointing
     if checkpointing == "auto":  # as training.trainer_args decides it
@@ -411,7 +403,7 @@ def _setup(
         zero_stage=zero,
         offload_optimizer=offload,
         weights_bytes_per_param=wbytes,
-        autocast=autocast,
+        autocast=plan.bf16_autocast,
         checkpointing=bool(checkpointing),
         batch=batch or s.per_device_train_batch_size,
         seq_len=cfg.data.max_length,
@@ -953,7 +945,10 @@ def stage_budget_seconds(cfg: Config, stage: Stage) -> float | None:
     limit = cfg.hardware.time_limit_s
     if limit is None:
         return None
-    on = [k for k in cfg.hardware.time_shares if k not in ("sft", "dpo") or getattr(cfg, k).enabled]
+    from .stages import registry
+
+    # The stages this run has (the pipeline's enabled training stages), as the pipeline shares the time.
+    on = [k for k in registry.order(cfg) if not registry.is_training_stage(k) or cfg.stage(k).enabled]
     return limit * cfg.hardware.share(stage, on) if stage in on else None
 
 
