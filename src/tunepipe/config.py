@@ -238,6 +238,20 @@ class StageTrainingConfig(Section):
     # TRL does this on CUDA; on CPU it projects every position. Same loss; false = TRL's choice.
     lm_head_loss_positions_only: bool = True
 
+    # Planner terms: what a step of this stage holds besides the policy's forward and backward. A
+    # stage's own section says more where its trainer does more (DPO, KTO, GRPO).
+    def reference_policy(self) -> str | None:
+        """How the reference policy is held (adapter, precompute, copy), or None without one."""
+        return None
+
+    def sequence_tokens(self, max_length: int) -> int:
+        """The longest sequence a micro-batch row holds (GRPO: the prompt plus its completion)."""
+        return max_length
+
+    def generated_tokens(self) -> int:
+        """Tokens sampled per micro-batch row before its forward (GRPO: max_completion_length)."""
+        return 0
+
     @model_validator(mode="after")
     def _check_max_steps(self) -> StageTrainingConfig:
         if self.max_steps == 0 or self.max_steps < -1:

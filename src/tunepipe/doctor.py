@@ -33,8 +33,6 @@ from .modeling import BNB_INSTALL
 from .plan import Machine, Plan, resolve_plan
 from .preflight import Check, hub_offline, preflight_checks
 
-PIPELINE_STAGES = ("data", "sft", "dpo", "eval", "report")
-
 Status = Literal["ok", "warn", "fail", "skip"]
 EXIT_OK, EXIT_BLOCKED = 0, 2
 GB = 1024**3
@@ -488,9 +486,6 @@ def environment_checks(output_dir: Path | None = None, *, env: Environment | Non
 # --------------------------------------------------------------------------- the plan of a config
 
 
-STAGES = ("sft", "dpo")
-
-
 def _processes(cfg: Config) -> int:
     return sharding.world_size(cfg)
 
@@ -871,22 +866,46 @@ def _rule_gpus(cfg: Config, env: Environment) -> list[Check]:
 
 
 def _rule_checkpointing(cfg: Config, env: Environment) -> list[Check]:
-    d = cfg.dpo
-    if (
-        d.enabled
-        and d.gradient_checkpointing is True
-        and d.method in ("lora", "qlora")
-        and _processes(cfg) > 1
-    ):
-        return [
-            _warning(
-                "dpo checkpointing under DDP",
-                "dpo.gradient_checkpointing: true with LoRA under DDP: the reference pass runs through the "
-                "checkpointed model too (slower; tunepipe uses non-reentrant checkpointing, which DDP needs)",
-                "set dpo.gradient_checkpointing: auto (on only when the memory plan needs it)",
+    from .stages import registry
+
+    out = []
+    for stage in registry.trained(cfg):
+        s = cfg.stage(stage)
+        if (
+            s.gradient_checkpointing is True
+            and s.method in ("lora", "qlora")
+            and s.reference_policy() == "adapter"
+            and _processes(cfg) > 1
+        ):
+            out.append(
+                _warning(
+                    f"{stage} checkpointing under DDP",
+                    f"{stage}.gradient_checkpointing: true with LoRA under DDP: the reference pass runs "
+                    "through the checkpointed model too (slower; tunepipe uses non-reentrant checkpointing, "
+                    "which DDP needs)",
+                    f"set {stage}.gradient_checkpointing: auto (on only when the memory plan needs it)",
+                )
             )
-        ]
-    return []
+    return out
+
+
+def _generation(cfg: Config, env: Environment) -> dict[str, Any]:
+    """How a stage that samples completions (GRPO) generates on the target: vLLM colocated on the
+    training GPU when it is installed there (use_vllm: auto), transformers otherwise."""
+    setting = getattr(cfg.stage("grpo"), "use_vllm", "auto") if "grpo" in cfg.pipeline else "auto"
+    here = _installed("vllm")
+    if setting is False:
+        return {"value": "transformers", "reason": "use_vllm: false"}
+    if not cfg.hardware.gpus:
+        return {"value": "transformers", "reason": "no GPU in the target: transformers' generate on the CPU"}
+    if setting is True or here:
+        why = "use_vllm: true" if setting is True else "use_vllm: auto and vLLM is installed here"
+        return {"value": "vLLM (colocate)", "reason": f"{why}: vLLM on the training GPU"}
+    return {
+        "value": "transformers (vLLM where installed)",
+        "reason": "use_vllm: auto: vLLM colocated on the GPU when installed on the GPU machine "
+        "(not here: pip install vllm), transformers' generate otherwise",
+    }
 
 
 # Option combinations that do not work on the target or on this machine, one rule per concern.
@@ -981,8 +1000,10 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
     why_not = shape_info.get("reason", "")
     stages: dict[str, Any] = {}
     off = {"available": False, "reason": "stage disabled"}
-    for stage in STAGES:
-        s = getattr(cfg, stage)
+    from .stages import registry
+
+    for stage in cfg.pipeline:
+        s = cfg.stage(stage)
         stages[stage] = {
             "enabled": s.enabled,
             "method": s.method,
@@ -997,6 +1018,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
             "memory": _memory(cfg, stage, env, shape, why_not) if s.enabled else off,
             "time": _time(cfg, stage, shape, why_not) if s.enabled else off,
         }
+        if registry.get(stage).generates:
+            stages[stage]["generation"] = _generation(cfg, env)
     report: dict[str, Any] = {
         "config": cfg.source,
         "target": {
@@ -1021,7 +1044,7 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
         *(c for rule in RULES for c in rule(cfg, env)),
         *_estimate_checks(cfg, stages),
         # The run's own preflight (the same checks `tunepipe run` makes before its first stage).
-        *preflight_checks(cfg, list(PIPELINE_STAGES), cfg.output_dir, create=False),
+        *preflight_checks(cfg, registry.order(cfg), cfg.output_dir, create=False),
     ]
     report["incompatibilities"] = [asdict(c) for c in checks]
     return report
@@ -1132,6 +1155,11 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
             f"  device map       {p['device_map']['value']}: {p['device_map']['reason']}",
             f"  checkpointing    {ck['value']}: {ck['reason']}",
             f"  fused kernels    {p['kernels']['value']}: {p['kernels']['reason']}",
+            *(
+                [f"  generation       {p['generation']['value']}: {p['generation']['reason']}"]
+                if "generation" in p
+                else []
+            ),
             f"  batch            {b['per_device']} per device × {b['accumulation']} accumulation × "
             f"{b['processes']} process(es) = {b['effective']} per optimizer step "
             f"(max_length {p['max_length']})",

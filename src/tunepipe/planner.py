@@ -110,8 +110,16 @@ from typing import Any, Literal
 from . import sharding
 from .config import Config, StageTrainingConfig
 from .plan import Machine, resolve_plan
+from .stages.registry import TrainingStage, title
 
-Stage = Literal["sft", "dpo"]
+
+def _spec(stage: str) -> TrainingStage:
+    from .stages import registry
+
+    return registry.get(stage)
+
+
+Stage = str  # a registered training stage (stages.registry)
 Device = Literal["cuda", "cpu"]
 
 GiB = 1024**3
@@ -120,6 +128,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 GPU_OVERHEAD_BYTES = 1 * GiB
 CPU_TRAINER_BYTES = 64 * MiB  # trainer, accelerate state, tokenizer and dataset beyond the imports
 FITS_HEADROOM = 0.95
+GENERATION_EFFICIENCY = 0.1  # sampled tokens' FLOPs run at this share of the training rate (assumed)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 1 / 4096
 # TRL's chunked LM head (trl/kernels/chunked_logprob.py): tiles of 4096 tokens x 32768 vocabulary entries.
 FUSED_TOKEN_CHUNK, FUSED_VOCAB_CHUNK = 4096, 32768
@@ -366,8 +375,10 @@ def checkpointing_decision(
             raise PlannerError("GPU memory unknown: set hardware.gpu_memory_gb")
         without = estimate_memory(cfg, stage, device="cuda", checkpointing=False)
     except PlannerError as e:
-        habit = stage == "sft"
-        return habit, f"auto: {'on' if habit else 'off'} for {stage.upper()} on a GPU (no memory plan: {e})"
+        # The field's habit: on where no reference pass runs through the checkpointed model (SFT,
+        # GRPO without KL), off where one does (DPO, KTO).
+        habit = s.reference_policy() is None
+        return habit, f"auto: {'on' if habit else 'off'} for {title(stage)} on a GPU (no memory plan: {e})"
     need, have = without.total_bytes / GiB, capacity / GiB
     if without.total_bytes <= capacity * FITS_HEADROOM:
         return False, f"auto: off, the plan fits without it (~{need:.1f} of {have:.0f} GiB)"
@@ -406,8 +417,8 @@ def _setup(
         autocast=plan.bf16_autocast,
         checkpointing=bool(checkpointing),
         batch=batch or s.per_device_train_batch_size,
-        seq_len=cfg.data.max_length,
-        sequences_per_example=2 if stage == "dpo" else 1,
+        seq_len=s.sequence_tokens(cfg.data.max_length),
+        sequences_per_example=_spec(stage).sequences_per_example,
     )
 
 
@@ -701,10 +712,10 @@ def estimate_memory(
         notes["activations"] += f" x {CPU_ALLOCATOR_FACTOR} (CPU allocator)"
     logits, notes["logits"] = _logits_bytes(shape, st, tokens)
 
-    # DPO reference policy
+    # The reference policy (DPO, KTO, GRPO with a KL term), as the stage's section holds it.
     reference = 0
-    if stage == "dpo":
-        ref = cfg.dpo.reference if cfg.dpo.reference != "auto" else ("adapter" if lora else "copy")
+    ref = s.reference_policy()
+    if ref is not None:
         if ref == "copy":
             shards_ref = st.zero_stage >= 3 or st.sharding == "fsdp"
             reference = _weights_bytes(shape, st, four_bit) // (world if shards_ref else 1)
@@ -979,7 +990,7 @@ def train_flops_per_token(
         mult = 1.0 + 2.0 * share
     if checkpointing:
         mult += 1.0
-    if stage == "dpo":
+    if s.reference_policy() is not None:
         mult += 1.0  # the reference forward: every step (adapter, copy) or once before training (precompute)
     return fwd * mult
 
@@ -1041,6 +1052,16 @@ def estimate_time(
         tokens = steps * per_step * st.sequences_per_example * mean_tokens
         flops = tokens * per_token
         seconds = flops / rate
+        sampled = s.generated_tokens()
+        if sampled:
+            # Sampling the completions (GRPO): a forward per generated token of each row, decoding
+            # being latency-bound rather than compute-bound.
+            gen_flops = steps * per_step * sampled * 2 * shape.matmul_params
+            seconds += gen_flops / (rate * GENERATION_EFFICIENCY)
+            notes.append(
+                f"sampling {sampled} tokens per completion at {GENERATION_EFFICIENCY:.0%} of the training "
+                "rate (an assumption: decoding is latency-bound; vLLM on a GPU does better)"
+            )
     budget = stage_budget_seconds(cfg, stage)
     in_budget = None
     if budget is not None:

@@ -56,6 +56,9 @@ class DPOSection(StageTrainingConfig):
             )
         return self
 
+    def reference_policy(self) -> str | None:
+        return self.resolved_reference()
+
     def resolved_reference(self) -> str:
         if self.reference != "auto":
             return self.reference

@@ -32,6 +32,10 @@ class KTOSection(StageTrainingConfig):
     # TRL reads KTO rows in order (see run): false = a seeded shuffle, true = seeded length groups.
     group_by_length: bool = False
 
+    def reference_policy(self) -> str | None:
+        # LoRA: the policy with its adapter disabled; full / freeze: a frozen copy (as the stage does).
+        return "adapter" if self.method in ("lora", "qlora") else "copy"
+
 
 STAGE = TrainingStage(
     name="kto",
