@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from ..config import StageTrainingConfig
 from . import StageContext, StageResult
@@ -47,14 +47,15 @@ class DPOSection(StageTrainingConfig):
     # else copy.
     reference: Literal["auto", "adapter", "precompute", "copy"] = "auto"
 
-    @model_validator(mode="after")
-    def _adapter_needs_lora(self) -> DPOSection:
-        if self.reference == "adapter" and self.method not in ("lora", "qlora"):
+    @field_validator("reference")
+    @classmethod
+    def _adapter_needs_lora(cls, v: str, info: ValidationInfo) -> str:
+        method = info.data.get("method")
+        if v == "adapter" and method not in ("lora", "qlora"):
             raise ValueError(
-                f"reference: adapter needs a LoRA method (method is {self.method}); "
-                "use reference: copy or precompute"
+                f"adapter needs a LoRA method (method is {method}); use reference: copy or precompute"
             )
-        return self
+        return v
 
     def reference_policy(self) -> str | None:
         return self.resolved_reference()
