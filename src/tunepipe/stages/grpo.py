@@ -82,6 +82,18 @@ class GRPOSection(StageTrainingConfig):
     learning_rate: float = Field(1e-5, gt=0)
     group_by_length: bool = False  # prompts are drawn as they come; groups are formed per prompt
 
+    def reference_policy(self) -> str | None:
+        # beta > 0: the KL term needs the starting model's log-probs (LoRA: the adapter disabled).
+        if self.beta == 0:
+            return None
+        return "adapter" if self.method in ("lora", "qlora") else "copy"
+
+    def sequence_tokens(self, max_length: int) -> int:
+        return max_length + self.max_completion_length  # data.max_length bounds the prompt
+
+    def generated_tokens(self) -> int:
+        return self.max_completion_length
+
     @model_validator(mode="after")
     def _whole_groups(self) -> GRPOSection:
         per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
@@ -144,20 +156,23 @@ def run(ctx: StageContext) -> StageResult:
     # (`messages` only repeats prompt + answer).
     train = Dataset.from_list([{k: v for k, v in r.items() if k not in _NOT_COLUMNS} for r in rows])
     base_dir = cfg.path(".")
-    reward_funcs = reward_functions(g.rewards, base_dir)  # imported now: a bad module fails before the model loads
+    # Built (user modules imported) now: a bad reward fails before the model loads.
+    reward_funcs = reward_functions(g.rewards, base_dir)
 
     use_vllm = resolve_use_vllm(g.use_vllm)
     if use_vllm:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
-            raise RuntimeError("grpo.use_vllm: true needs vLLM (pip install vllm) and a CUDA GPU; or use_vllm: auto")
+            raise RuntimeError(
+                "grpo.use_vllm: true needs vLLM (pip install vllm) and a CUDA GPU; or use_vllm: auto"
+            )
         ctx.log("grpo: generation with vLLM colocate (on the training GPU)")
     else:
         import torch
 
         ctx.log(f"grpo: generation with transformers on {'CUDA' if torch.cuda.is_available() else 'CPU'}")
-    # The smoke run's micro-batch of 2 (one step, no accumulation) holds one group of 2 completions.
+    # A smoke run trains micro-batches of 2 without accumulation: one group of 2 completions per step.
     generations = 2 if ctx.smoke else g.num_generations
     own: dict[str, Any] = {
         "num_generations": generations,
@@ -195,7 +210,10 @@ def run(ctx: StageContext) -> StageResult:
         config_kwargs=own,
         trainer_kwargs=lambda plan: {"reward_funcs": reward_funcs},
         after_build=after_build,
-        outputs={"rewards": [f.__name__ for f in reward_funcs], "generation": "vllm" if use_vllm else "transformers"},
+        outputs={
+            "rewards": [f.__name__ for f in reward_funcs],
+            "generation": "vllm" if use_vllm else "transformers",
+        },
     )
 
 
@@ -207,7 +225,9 @@ def _replace_reference(trainer: Any, ref: Any) -> None:
     for p in ref.parameters():
         p.requires_grad = False
     trainer.ref_model = None  # TRL's copy goes before the next is placed
-    add_fused_lm_head(ref, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    add_fused_lm_head(
+        ref, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32
+    )
     if trainer.is_deepspeed_enabled:
         from trl.models import prepare_deepspeed
 
