@@ -159,3 +159,43 @@ def _export_equals_adapter_model(cfg: Path, run: Path, out: Path) -> None:
         for q in questions
     ]
     assert generate(exported, tok, prompts, 8, 5) == generate(adapters, tok, prompts, 8, 5)
+
+
+@pytest.mark.parametrize("order", [["sft", "grpo"], ["sft", "dpo", "grpo"]])
+def test_pipeline_order_with_grpo_runs_end_to_end(tmp_path: Path, tiny_qwen3: Path, order: list[str]) -> None:
+    """`pipeline:` sets the stages: each starts from the one before, eval has one column per trained
+    stage and the report one curve panel per stage."""
+    cfg = write_config(
+        tmp_path,
+        tiny_qwen3,
+        # Prompts with answers from the SFT conversations (their last assistant turn).
+        data={"grpo": {"train": "data/skills_sft_train.jsonl", "eval": "data/skills_sft_eval.jsonl"}},
+        grpo={
+            "max_steps": 2,
+            "learning_rate": 1e-3,
+            "num_generations": 2,
+            "max_completion_length": 6,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "rewards": [{"name": "rouge_l"}, {"name": "length", "target": 8, "weight": 0.5}],
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        },
+    )
+    first = tunepipe("run", cfg, "--smoke", f"pipeline=[{','.join(order)}]")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    names = ["data", *order, "eval", "report"]
+    assert [s for s in [*names, "dpo"] if f"[{s}] running" in first.stdout] == names
+    run = tmp_path / "runs" / "test-smoke"
+    grpo = json.loads((run / "grpo" / "stage.json").read_text())
+    assert grpo["status"] == "done" and grpo["outputs"]["starts_from"] == order[-2]
+    log = [json.loads(x) for x in (run / "grpo" / "log.jsonl").read_text().splitlines()]
+    assert log and all("reward" in r for r in log)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert list(metrics) == ["base", *order]
+    report = (run / "report" / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| set | metric"))
+    assert header.startswith("| set | metric | " + " | ".join(["base", *order]) + " |")
+    for stage in order:
+        assert (run / "report" / f"{stage}_curves.png").is_file() and f"{stage}_curves.png" in report
+    second = tunepipe("run", cfg, "--smoke", f"pipeline=[{','.join(order)}]")
+    assert second.returncode == 0 and all(f"[{s}] skipped (up to date)" in second.stdout for s in names)

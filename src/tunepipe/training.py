@@ -618,6 +618,9 @@ def run_trainer_stage(
     ctx.log(f"{stage}: starts from " + (f"the {registry.title(start)} result" if start else "the base model"))
     tok = load_tokenizer(cfg, log=ctx.log)
     base_args = trainer_args(cfg, stage, out, plan, config_cls, ctx.smoke)
+    if "max_length" not in getattr(config_cls, "__dataclass_fields__", {"max_length": None}):
+        # GRPOConfig has none: the data stage already keeps every prompt within data.max_length.
+        base_args.pop("max_length")
     training = Training(ctx, stage, out)
     fresh_model = model or (lambda p: starting_model(ctx, stage, p))
 
