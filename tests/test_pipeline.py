@@ -184,7 +184,8 @@ def test_pipeline_order_with_grpo_runs_end_to_end(tmp_path: Path, tiny_qwen3: Pa
     first = tunepipe("run", cfg, "--smoke", f"pipeline=[{','.join(order)}]")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     names = ["data", *order, "eval", "report"]
-    assert [s for s in [*names, "dpo"] if f"[{s}] running" in first.stdout] == names
+    every = ["data", "sft", "dpo", "grpo", "eval", "report"]
+    assert [s for s in every if f"[{s}] running" in first.stdout] == [s for s in every if s in names]
     run = tmp_path / "runs" / "test-smoke"
     grpo = json.loads((run / "grpo" / "stage.json").read_text())
     assert grpo["status"] == "done" and grpo["outputs"]["starts_from"] == order[-2]
