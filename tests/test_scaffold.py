@@ -13,12 +13,12 @@ from conftest import ROOT, tunepipe
 
 from tunepipe.config import Config, EvalConfig, load_config
 from tunepipe.scaffold import (
-    BRIEF_QUESTIONS,
     DEEPSPEED,
     EMBEDDED_MODEL,
     Brief,
     ScaffoldError,
     ask_brief,
+    brief_questions,
     brief_with,
     default_brief,
     estimate_params_billion,
@@ -58,14 +58,19 @@ def test_defaults_write_a_project_whose_config_loads(tmp_path: Path) -> None:
     ]
     text = (dest / "tunepipe.yaml").read_text()
     assert text.startswith("# demo:") and "tunepipe run tunepipe.yaml --smoke" in text.splitlines()[2]
-    # Every section is written out (not left to defaults), so the user sees what can be changed.
-    assert list(yaml.safe_load(text)) == list(Config.model_fields)
+    # Every section is written out (not left to defaults), so the user sees what can be changed: the
+    # config's own sections (plugins as a comment) with one section per chosen stage after training.
+    top = [k for k in Config.model_fields if k != "plugins"]
+    i = top.index("training") + 1
+    assert list(yaml.safe_load(text)) == [*top[:i], "sft", "dpo", *top[i:]]
+    assert "\npipeline: [sft, dpo]\n" in text
 
     cfg = load_config(dest / "tunepipe.yaml")
     assert cfg.project.name == "demo" and cfg.output_dir == (dest / "runs" / "demo").resolve()
     assert cfg.model.name_or_path == EMBEDDED_MODEL and not cfg.model.load_in_4bit
     assert cfg.hardware.gpus == 0 and cfg.hardware.time_limit_s == 30 * 60
-    assert cfg.sft.enabled and cfg.dpo.enabled and cfg.sft.method == cfg.dpo.method == "lora"
+    assert cfg.pipeline == ["sft", "dpo"] and cfg.sft.enabled and cfg.dpo.enabled
+    assert cfg.sft.method == cfg.dpo.method == "lora"
     assert cfg.eval.models == ["base", "sft", "dpo"]
     assert cfg.path(cfg.data.sft.train[0].path) == dest / "data" / "sft_train.jsonl"
 
@@ -116,8 +121,7 @@ def test_four_gpus_get_ddp_qlora_slurm_and_their_pins(tmp_path: Path) -> None:
         gpus=4,
         time_limit="24h",
         base_model="Qwen/Qwen3-4B",
-        sft_data=["data/mine.jsonl"],
-        dpo_data=["org/prefs"],
+        data={"sft": ["data/mine.jsonl"], "dpo": ["org/prefs"]},
         benchmarks=["gsm8k", "ifeval"],
     )
     assert brief.qlora and brief.gpu_memory_gb == 80  # 4B on a GPU: QLoRA by default
@@ -274,14 +278,143 @@ def test_one_gpu_and_cpu_launch_configs(tmp_path: Path) -> None:
 
 
 def test_one_method_only(tmp_path: Path) -> None:
+    from tunepipe.stages import registry
+
     scaffold(tmp_path / "s", Brief(name="s", methods=["sft"]))
     cfg = load_config(tmp_path / "s" / "tunepipe.yaml")
-    assert cfg.sft.enabled and not cfg.dpo.enabled and not cfg.data.dpo.train
+    assert registry.trained(cfg) == ["sft"] and not cfg.data.dpo.train
+    assert "dpo" not in yaml.safe_load((tmp_path / "s" / "tunepipe.yaml").read_text())
     assert cfg.eval.models == ["base", "sft"]
     assert [getattr(s, "name", s) for s in cfg.eval.sets] == ["sft_eval"]  # names, or plain strings before
     assert "preference_accuracy" not in cfg.eval.metrics
     assert not (tmp_path / "s" / "data" / "dpo_train.jsonl").exists()
     assert "**dpo**" not in (tmp_path / "s" / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("methods", "files", "sets"),
+    [
+        (["sft", "grpo"], ["sft_eval", "sft_train", "grpo_eval", "grpo_train"], ["sft_eval", "grpo_eval"]),
+        (["sft", "kto"], ["sft_eval", "sft_train", "kto_train"], ["sft_eval"]),
+        (
+            ["sft", "dpo", "grpo"],
+            ["sft_eval", "sft_train", "dpo_eval", "dpo_train", "grpo_eval", "grpo_train"],
+            ["sft_eval", "dpo_eval", "grpo_eval"],
+        ),
+        (["grpo", "sft"], ["grpo_eval", "grpo_train", "sft_eval", "sft_train"], ["grpo_eval", "sft_eval"]),
+    ],
+    ids=lambda v: ",".join(v) if isinstance(v, list) and len(v) < 4 else None,
+)
+def test_any_registered_stages_in_the_order_given(
+    tmp_path: Path, methods: list[str], files: list[str], sets: list[str]
+) -> None:
+    from tunepipe.stages import registry
+
+    dest = tmp_path / "p"
+    written = scaffold(dest, Brief(name="p", methods=methods))
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert cfg.pipeline == registry.trained(cfg) == methods
+    assert cfg.eval.models == ["base", *methods]
+    assert [s.name for s in cfg.eval.sets] == sets  # kto's unpaired split has nothing to score
+    assert sorted(p.name for p in written if p.parent.name == "data") == sorted(f"{f}.jsonl" for f in files)
+    for stage in methods:
+        block = getattr(cfg.data, stage)
+        assert cfg.path(block.train[0].path) == dest / "data" / f"{stage}_train.jsonl"
+        assert bool(block.eval) == (stage != "kto")
+    raw = yaml.safe_load((dest / "tunepipe.yaml").read_text())
+    assert [k for k in raw if registry.is_training_stage(k)] == methods  # a section per chosen stage
+    readme = (dest / "README.md").read_text()
+    rows = [line.split("**")[1] for line in readme.splitlines() if line.startswith("- [ ] **")]
+    assert rows == ["environment", "data", "smoke", *methods, "eval", "report"]
+    assert " → ".join(registry.title(m) for m in methods) in readme
+    if "grpo" in methods:  # RL: the reward is the progress measure, not the loss
+        assert "watch the reward rise (`runs/p/grpo/log.jsonl`)" in readme
+    assert "**dpo**" not in readme or "dpo" in methods
+
+
+def test_grpo_and_kto_sections_follow_their_schema(tmp_path: Path) -> None:
+    from tunepipe.stages.grpo import GRPOSection
+    from tunepipe.stages.kto import KTOSection
+
+    dest = tmp_path / "p"
+    scaffold(dest, Brief(name="p", methods=["sft", "grpo", "kto"]))
+    text = (dest / "tunepipe.yaml").read_text()
+    raw = yaml.safe_load(text)
+    cfg = load_config(dest / "tunepipe.yaml")
+    # Every key of the stage's own section is written; those the brief does not size are its defaults.
+    own = set(GRPOSection.model_fields) - set(Config.model_fields) - set(type(cfg.sft).model_fields)
+    assert own <= set(raw["grpo"])
+    for key in ("temperature", "top_p", "beta", "epsilon", "loss_type", "scale_rewards", "use_vllm"):
+        assert getattr(cfg.grpo, key) == GRPOSection.model_fields[key].default, key
+    assert {"beta", "desirable_weight", "undesirable_weight"} <= set(raw["kto"])
+    assert cfg.kto.beta == KTOSection.model_fields["beta"].default
+    # The sample prompts have numbers for answers: the numeric reward; sized for a short CPU run.
+    assert [(r.name, r.weight) for r in cfg.grpo.rewards] == [("numeric_match", 1.0)]
+    g = cfg.grpo
+    assert g.per_device_train_batch_size * g.gradient_accumulation_steps % g.num_generations == 0
+    assert g.max_steps > 0 and cfg.kto.max_steps > 0 and cfg.kto.per_device_train_batch_size >= 2
+    # The module's comments come along (the schema's words, not a copy beside it).
+    assert "# completions per prompt: the group their rewards are compared in" in text
+    assert "# Micro-batch and accumulation count completions, not prompts" in text
+    assert "(see run)" not in text
+    # The commented-out format reward is valid once uncommented.
+    note = next(line for line in text.splitlines() if "# - {name: format" in line)
+    uncommented = text.replace(note, note.replace("# - ", "- ", 1))
+    (dest / "alt.yaml").write_text(uncommented)
+    assert [r.name for r in load_config(dest / "alt.yaml").grpo.rewards] == ["numeric_match", "format"]
+
+    prompts = _rows(dest / "data" / "grpo_train.jsonl")
+    answers = [r["messages"][-1] for r in prompts]
+    assert len(prompts) == 32 and all(a["role"] == "assistant" and float(a["content"]) >= 0 for a in answers)
+    sft_questions = {
+        r["messages"][1]["content"]
+        for f in ("sft_train", "sft_eval")
+        for r in _rows(dest / "data" / f"{f}.jsonl")
+    }
+    assert not sft_questions & {r["messages"][1]["content"] for r in prompts}  # no question in both
+    feedback = _rows(dest / "data" / "kto_train.jsonl")
+    assert {"prompt", "completion", "label"} == set(feedback[0])
+    assert sum(r["label"] for r in feedback) == len(feedback) // 2 == 32
+
+
+def test_grpo_on_gpus_with_data_gets_exact_match_and_whole_groups(tmp_path: Path) -> None:
+    dest = tmp_path / "g"
+    brief = Brief(
+        name="g",
+        gpu_type="H100",
+        gpus=4,
+        methods=["sft", "grpo"],
+        data={"sft": ["a.jsonl"], "grpo": ["q.jsonl"]},
+    )
+    scaffold(dest, brief)
+    cfg = load_config(dest / "tunepipe.yaml")
+    assert [r.name for r in cfg.grpo.rewards] == ["exact_match"] and cfg.grpo.num_train_epochs == 1
+    g = cfg.grpo
+    assert g.per_device_train_batch_size * g.gradient_accumulation_steps % g.num_generations == 0
+    assert cfg.data.grpo.eval_split == 0.05 and not (dest / "data" / "grpo_train.jsonl").exists()
+    assert "numeric_match" in (dest / "tunepipe.yaml").read_text()  # offered as a commented alternative
+
+
+def test_sample_data_of_every_stage_prepares_without_rejects(
+    tmp_path: Path, tiny_qwen3, tiny_tokenizer
+) -> None:
+    from tunepipe.data.prepare import prepare
+
+    dest = tmp_path / "p"
+    scaffold(dest, Brief(name="p", base_model=str(tiny_qwen3), methods=["sft", "dpo", "grpo", "kto"]))
+    prep = prepare(load_config(dest / "tunepipe.yaml"), tiny_tokenizer, log=lambda _m: None)
+    assert not prep.rejects
+    sizes = {name: len(split.rows) for name, split in prep.splits.items()}
+    assert sizes == {
+        "sft_train": 64,
+        "sft_eval": 16,
+        "dpo_train": 32,
+        "dpo_eval": 16,
+        "grpo_train": 32,
+        "grpo_eval": 16,
+        "kto_train": 64,  # 32 preference pairs, each a desirable and an undesirable row
+        "kto_eval": 0,
+    }
 
 
 def test_deepspeed_configs_match_the_shipped_ones() -> None:
@@ -317,7 +450,10 @@ def test_qlora_on_cpu_is_a_choice_and_pins_bitsandbytes(tmp_path: Path) -> None:
     ("kwargs", "message"),
     [
         ({"gpus": 2, "gpu_type": "cpu"}, "name the GPU"),
-        ({"methods": ["sft", "ppo"]}, "choose one or both"),
+        ({"methods": ["sft", "ppo"]}, "unknown ppo; choose training stages .* from sft, dpo, grpo, kto"),
+        ({"methods": ["sft", "sft"]}, "repeated sft"),
+        ({"methods": []}, "choose training stages"),
+        ({"data": {"ppo": ["x.jsonl"]}}, "data for ppo: no such training stage"),
         ({"time_limit": "a day"}, "cannot read duration"),
         ({"name": " "}, "name is empty"),
     ],
@@ -369,7 +505,37 @@ def test_ask_brief_follows_the_answers_and_asks_again_after_a_bad_one() -> None:
     defaults = dict(asked)
     assert defaults["Memory per GPU in GB"] == "80"  # from the type answered before
     assert defaults["QLoRA: train LoRA on a 4-bit base (y/n)"] == "y"  # 8B on a GPU
-    assert len(asked) == len(BRIEF_QUESTIONS) + 1
+    # Every question that applies once (a data question per chosen stage only), the bad answer twice.
+    assert len(asked) == sum(q.asked(brief) for q in brief_questions()) + 1
+    assert [p for p, _ in asked if "training data" in p] == [
+        "SFT training data (conversations: paths/globs/hub ids, comma-separated; 'sample' = generated "
+        "examples)",
+        "DPO training data (preference pairs: paths/globs/hub ids, comma-separated; 'sample' = generated "
+        "examples)",
+    ]
+
+
+def test_ask_brief_asks_for_the_data_of_each_chosen_stage_in_order() -> None:
+    answers = {
+        "Training stages": "sft, grpo",
+        "SFT training data": "chats.jsonl",
+        "GRPO training data": "sample",
+    }
+    asked: list[str] = []
+
+    def ask(prompt: str, default: str) -> str:
+        asked.append(prompt)
+        return next((a for k, a in answers.items() if prompt.startswith(k)), default)
+
+    brief = ask_brief(default_brief(Path("demo")), ask)
+    assert brief.methods == ["sft", "grpo"] and brief.data == {"sft": ["chats.jsonl"]}
+    assert [p.split(" (")[0] for p in asked if "training data" in p] == [
+        "SFT training data",
+        "GRPO training data",
+    ]
+    assert (
+        brief.goal == "teach the base model our task format (SFT), then reward answers that check out (GRPO)"
+    )
 
 
 def test_ask_brief_on_cpu_skips_the_gpu_questions() -> None:
@@ -396,11 +562,13 @@ def test_flags_change_the_detected_defaults() -> None:
 
 
 def test_data_flags() -> None:
-    assert parse_data_flags(["a.jsonl", "dpo=p.jsonl,q.jsonl"]) == {
+    assert parse_data_flags(["a.jsonl", "dpo=p.jsonl,q.jsonl", "grpo=math.jsonl", "kto=fb.jsonl"]) == {
         "sft": ["a.jsonl"],
         "dpo": ["p.jsonl", "q.jsonl"],
+        "grpo": ["math.jsonl"],
+        "kto": ["fb.jsonl"],
     }
-    with pytest.raises(ScaffoldError, match="sft=PATH or dpo=PATH"):
+    with pytest.raises(ScaffoldError, match="STAGE=PATH, STAGE one of sft, dpo, grpo, kto"):
         parse_data_flags(["ppo=x.jsonl"])
 
 

@@ -453,10 +453,19 @@ def init(
     model: Annotated[
         str | None, typer.Option(help="base model: hub id or local folder (default: the embedded model)")
     ] = None,
-    methods: Annotated[str | None, typer.Option(help="sft,dpo (default both)")] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="the training stages in pipeline order: sft,dpo (default), sft,grpo, sft,dpo,grpo, "
+            "sft,kto, ... (any of sft, dpo, grpo, kto or a registered stage)"
+        ),
+    ] = None,
     data: Annotated[
         list[str] | None,
-        typer.Option(help="training data: sft=PATH or dpo=PATH (repeatable; default: sample files)"),
+        typer.Option(
+            help="training data of a stage: STAGE=PATH, e.g. sft=chats.jsonl, grpo=questions.jsonl "
+            "(comma-separated paths/globs/hub ids; repeatable; default: sample files)"
+        ),
     ] = None,
     benchmarks: Annotated[
         str | None, typer.Option(help="lm-evaluation-harness task names, e.g. gsm8k,ifeval (default none)")
@@ -474,9 +483,10 @@ def init(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="write into a folder that is not empty")] = False,
 ) -> None:
-    """Start a project: tunepipe.yaml (every section, commented), README.md with the brief and the
-    stage checklist, sample data, a pinned requirements.txt, accelerate/DeepSpeed configs and, for
-    GPUs, slurm.sbatch (one `tunepipe run` per node).
+    """Start a project: tunepipe.yaml (every section, commented; `pipeline:` the chosen training
+    stages), README.md with the brief and the stage checklist, sample data for each stage given none,
+    a pinned requirements.txt, accelerate/DeepSpeed configs and, for GPUs, slurm.sbatch (one
+    `tunepipe run` per node).
 
     Asks for the brief unless --yes; flags answer questions ahead of time. Then:
     tunepipe run DIR/tunepipe.yaml --smoke
@@ -503,8 +513,7 @@ def init(
             time_limit=time_limit,
             base_model=model,
             methods=split_list(methods) if methods else None,
-            sft_data=paths["sft"] or None,
-            dpo_data=paths["dpo"] or None,
+            data=paths or None,
             benchmarks=split_list(benchmarks) if benchmarks is not None else None,
             qlora=qlora,
             nodes=nodes,

@@ -5,12 +5,16 @@ new project starts with.
 
     tunepipe.yaml               every config section, commented with the trade-offs, sized to the brief
     README.md                   the brief and the stage checklist, each stage with its command and gate
-    data/                       sample files, one per format the config uses (unless the brief names data)
+    data/                       sample files for each chosen stage the brief names no data for
     requirements.txt            the ML stack pinned to the versions installed now
     configs/accelerate.yaml     an `accelerate launch` config matching hardware.sharding (CPU, one GPU,
                                 DDP, FSDP2 or DeepSpeed), for those who launch it themselves
     configs/deepspeed_zero*.json    the DeepSpeed config, when hardware.sharding is zero2 or zero3
     slurm.sbatch                a Slurm batch job for the brief's nodes and GPUs (GPU briefs)
+
+The training stages come from the stage registry: any registered stage can be chosen, in any order
+(`pipeline:`), and its section is written from its pydantic class (defaults and the comments its
+module writes next to them), sized to the brief where the brief decides (batch, steps, rate).
 
 Nothing here imports torch unless GPU detection is asked for (`default_brief(detect_hardware=True)`);
 the generated config is loaded with `load_config` by the tests, so what `init` writes cannot rot.
@@ -18,13 +22,20 @@ the generated config is loaded with `load_config` by the tests, so what `init` w
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import os
 import platform
+import random
 import re
+import textwrap
+import tokenize
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
@@ -32,10 +43,12 @@ from typing import Any
 import yaml
 
 from . import sharding as _sharding
-from .config import parse_duration
+from .config import Config, parse_duration
+from .stages import registry
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-METHODS = ("sft", "dpo")
+# The config's own default pipeline (sft, dpo).
+DEFAULT_METHODS = tuple(Config.model_fields["pipeline"].get_default(call_default_factory=True))
 
 # Memory per GPU and whether it computes in bf16 (older cards fall back to fp16).
 GPU_TYPES: dict[str, tuple[float, bool]] = {
@@ -78,6 +91,59 @@ SHARDING_TEXT = {
 }
 
 SAMPLE_SIZES = {"n_sft_train": 64, "n_sft_eval": 16, "n_dpo_train": 32, "n_dpo_eval": 16}
+SAMPLE_PROMPTS = {"train": 32, "eval": 16}  # prompts with numeric answers (GRPO)
+
+# Per data kind (stages.registry.DataKind): the sample file's format, as the comments name it, and
+# what the data question asks for.
+SAMPLE_FORMAT = {
+    "conversations": "messages",
+    "pairs": "preference",
+    # The reference answer as the last assistant turn, with the system turn SFT trains with (a
+    # {prompt, answer} row would carry only a user turn).
+    "prompts": "messages",
+    "unpaired": "unpaired",
+}
+DATA_ASKED = {
+    "conversations": "conversations",
+    "pairs": "preference pairs",
+    "prompts": "prompts with reference answers",
+    "unpaired": "completions labelled true/false, or preference pairs",
+}
+
+
+# What each built-in stage does for the project, for the default goal (others: their summary).
+GOAL_PARTS = {
+    "sft": "teach the base model our task format (SFT)",
+    "dpo": "prefer the better answers (DPO)",
+    "grpo": "reward answers that check out (GRPO)",
+    "kto": "learn from answers marked good or bad (KTO)",
+}
+
+
+def _goal_part(stage: str) -> str:
+    spec = registry.get(stage)
+    return GOAL_PARTS.get(stage) or f"{spec.summary.split(' (')[0]} ({spec.title})"
+
+
+def default_goal(methods: list[str]) -> str:
+    """The goal a brief has until one is written: what each stage does, in order."""
+    return ", then ".join(_goal_part(s) for s in methods)
+
+
+def is_default_goal(goal: str) -> bool:
+    parts = {_goal_part(s) for s in registry.training_stages()}
+    return all(p in parts for p in goal.split(", then "))
+
+
+def stage_names() -> list[str]:
+    """The training stages a brief can choose, in the registry's order."""
+    return list(registry.training_stages())
+
+
+def scored(stage: str) -> bool:
+    """Whether the stage's held-out split has something to score (unpaired feedback has no reference
+    reply): it gets an eval file or eval_split, and an eval set."""
+    return registry.get(stage).data != "unpaired"
 
 
 class ScaffoldError(ValueError):
@@ -92,17 +158,17 @@ class Brief:
     """What the project is for and what it runs on; every generated file is derived from it."""
 
     name: str = "tunepipe-project"
-    goal: str = "teach the base model our task format (SFT), then prefer the better answers (DPO)"
+    goal: str = ""  # "" = a goal read off the methods (see default_goal)
     gpu_type: str = "cpu"  # a key of GPU_TYPES, any other GPU name, or "cpu"
     gpus: int = 0  # per machine; 0 = CPU
     nodes: int = 1  # machines; each runs the same `tunepipe run` (or one Slurm job over all of them)
     gpu_memory_gb: float | None = None  # None = from GPU_TYPES
     time_limit: str = "30m"  # the whole `tunepipe run`
     base_model: str = EMBEDDED_MODEL  # the embedded alias, a hub id or a local folder
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    # Training data per stage; empty = sample files generated into data/ (quickstart skills).
-    sft_data: list[str] = field(default_factory=list)
-    dpo_data: list[str] = field(default_factory=list)
+    # The training stages in pipeline order (any registered stage: sft, dpo, grpo, kto, ...).
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    # Training data per stage; a chosen stage without any = sample files generated into data/.
+    data: dict[str, list[str]] = field(default_factory=dict)
     benchmarks: list[str] = field(default_factory=list)  # lm-eval task names
     qlora: bool | None = None  # None = on for models of 3B+ parameters on a GPU, off on CPU
     # ddp | fsdp | zero2 | zero3; None = ddp, or fsdp when bf16 weights take over half of a GPU
@@ -110,6 +176,7 @@ class Brief:
 
     def __post_init__(self) -> None:
         self.name = self.name.strip()
+        self.goal = self.goal.strip()
         if not self.name:
             raise ScaffoldError("the project name is empty")
         if self.gpus < 0:
@@ -133,10 +200,21 @@ class Brief:
         except ValueError as e:
             raise ScaffoldError(str(e)) from None
         self.methods = [m.strip().lower() for m in self.methods if m.strip()]
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ScaffoldError(f"methods {self.methods!r}: choose one or both of {', '.join(METHODS)}")
-        self.methods = [m for m in METHODS if m in self.methods]  # pipeline order, no repeats
+        names = stage_names()
+        unknown = [m for m in self.methods if m not in names]
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if unknown or repeated or not self.methods:
+            why = f"unknown {', '.join(unknown)}" if unknown else f"repeated {', '.join(repeated)}"
+            raise ScaffoldError(
+                f"methods {self.methods!r}{': ' + why if self.methods else ''}; choose training stages "
+                f"in pipeline order from {', '.join(names)} (e.g. sft,dpo or sft,grpo), each once"
+            )
+        if not self.goal or is_default_goal(self.goal):  # not written by the user: follows the methods
+            self.goal = default_goal(self.methods)
+        self.data = {k: list(v) for k, v in self.data.items() if v}
+        extra = sorted(set(self.data) - set(names))
+        if extra:
+            raise ScaffoldError(f"data for {', '.join(extra)}: no such training stage ({', '.join(names)})")
         if not self.base_model.strip():
             raise ScaffoldError("the base model is empty; the embedded default is " + EMBEDDED_MODEL)
         if self.qlora is None:
@@ -150,6 +228,15 @@ class Brief:
     @property
     def cpu(self) -> bool:
         return self.gpus == 0
+
+    def data_for(self, stage: str) -> list[str]:
+        """The brief's data for `stage` ([] = sample files)."""
+        return self.data.get(stage, [])
+
+    @property
+    def sample(self) -> bool:
+        """No chosen stage has data of its own: every one trains on the generated samples."""
+        return not any(self.data_for(s) for s in self.methods)
 
     @property
     def bf16(self) -> bool:
@@ -256,15 +343,20 @@ def split_list(text: str) -> list[str]:
 
 
 def parse_data_flags(values: list[str]) -> dict[str, list[str]]:
-    """`--data sft=a.jsonl --data dpo=prefs.jsonl` (a bare path means sft) -> {'sft': [...], 'dpo': [...]}."""
-    out: dict[str, list[str]] = {"sft": [], "dpo": []}
+    """`--data sft=a.jsonl --data grpo=q.jsonl,r.jsonl` (a bare path means sft) -> {'sft': [...],
+    'grpo': [...]}; only the stages named are keys."""
+    names = stage_names()
+    out: dict[str, list[str]] = {}
     for value in values:
         stage, sep, path = value.partition("=")
         if not sep:
             stage, path = "sft", value
-        if stage not in out or not path:
-            raise ScaffoldError(f"--data {value!r}: write it as sft=PATH or dpo=PATH")
-        out[stage].extend(split_list(path))
+        stage = stage.strip().lower()
+        if stage not in names or not path.strip():
+            raise ScaffoldError(
+                f"--data {value!r}: write it as STAGE=PATH, STAGE one of {', '.join(names)} (e.g. sft=PATH)"
+            )
+        out.setdefault(stage, []).extend(split_list(path))
     return out
 
 
@@ -278,6 +370,16 @@ class Question:
     show: Callable[[Any], str]  # the current value as the prompt's default
     parse: Callable[[str], Any]
     asked: Callable[[Brief], bool] = lambda _b: True
+    key: str | None = None  # for the `data` field: the stage whose entry is asked
+
+    def current(self, brief: Brief) -> Any:
+        return brief.data_for(self.key) if self.key else getattr(brief, self.field)
+
+    def answered(self, values: dict[str, Any], value: Any) -> dict[str, Any]:
+        """`values` (a brief's fields) with this question's answer in."""
+        if self.key:
+            return {**values, "data": {**values["data"], self.key: value}}
+        return {**values, self.field: value}
 
 
 def _yes_no(text: str) -> bool:
@@ -309,52 +411,66 @@ def _show_list(empty: str) -> Callable[[Any], str]:
     return lambda v: ", ".join(v) if v else empty
 
 
-BRIEF_QUESTIONS: list[Question] = [
-    Question("name", "Project name", str, str.strip),
-    Question("goal", "Goal (one sentence: what should the model do better?)", str, str.strip),
-    Question("gpu_type", "GPU type (H100, A100, L40S, ... or cpu)", str, str.strip),
-    Question("gpus", "GPUs per machine (0 = CPU)", str, _int, lambda b: not b.cpu),
-    Question("nodes", "Machines (nodes; each runs the same command)", str, _int, lambda b: not b.cpu),
-    Question(
-        "gpu_memory_gb",
-        "Memory per GPU in GB",
-        lambda v: f"{v:g}" if v else "unknown",
-        _memory,
-        lambda b: not b.cpu,
-    ),
-    Question("time_limit", "Time limit for one run (e.g. 24h, 90m)", str, str.strip),
-    Question("base_model", f"Base model (hub id, local folder or {EMBEDDED_MODEL})", str, str.strip),
-    Question("methods", "Methods (sft, dpo)", _show_list("sft"), split_list),
-    Question(
-        "sft_data",
-        "SFT training data (paths/globs/hub ids, comma-separated; 'sample' = generated examples)",
+def _data_parse(text: str) -> list[str]:
+    return [] if text.strip().lower() == "sample" else split_list(text)
+
+
+def _data_question(stage: str) -> Question:
+    spec = registry.get(stage)
+    return Question(
+        "data",
+        f"{spec.title} training data ({DATA_ASKED[spec.data]}: paths/globs/hub ids, comma-separated; "
+        "'sample' = generated examples)",
         _show_list("sample"),
-        lambda t: [] if t.strip().lower() == "sample" else split_list(t),
-        lambda b: "sft" in b.methods,
-    ),
-    Question(
-        "dpo_data",
-        "DPO preference data (paths/globs/hub ids; 'sample' = generated examples)",
-        _show_list("sample"),
-        lambda t: [] if t.strip().lower() == "sample" else split_list(t),
-        lambda b: "dpo" in b.methods,
-    ),
-    Question("benchmarks", "lm-eval benchmarks (task names, or none)", _show_list("none"), split_list),
-    Question(
-        "qlora",
-        "QLoRA: train LoRA on a 4-bit base (y/n)",
-        lambda v: "y" if v else "n",
-        _yes_no,
-        lambda b: not b.cpu,
-    ),
-    Question(
-        "sharding",
-        "Sharding over the GPUs (ddp, fsdp, zero2, zero3)",
-        str,
-        str.strip,
-        lambda b: b.processes > 1,
-    ),
-]
+        _data_parse,
+        lambda b: stage in b.methods,
+        key=stage,
+    )
+
+
+def brief_questions() -> list[Question]:
+    """The questions `ask_brief` asks, in order; one data question per registered training stage
+    (asked only when the stage is chosen)."""
+    head = [
+        Question("name", "Project name", str, str.strip),
+        Question("goal", "Goal (one sentence: what should the model do better?)", str, str.strip),
+        Question("gpu_type", "GPU type (H100, A100, L40S, ... or cpu)", str, str.strip),
+        Question("gpus", "GPUs per machine (0 = CPU)", str, _int, lambda b: not b.cpu),
+        Question("nodes", "Machines (nodes; each runs the same command)", str, _int, lambda b: not b.cpu),
+        Question(
+            "gpu_memory_gb",
+            "Memory per GPU in GB",
+            lambda v: f"{v:g}" if v else "unknown",
+            _memory,
+            lambda b: not b.cpu,
+        ),
+        Question("time_limit", "Time limit for one run (e.g. 24h, 90m)", str, str.strip),
+        Question("base_model", f"Base model (hub id, local folder or {EMBEDDED_MODEL})", str, str.strip),
+        Question(
+            "methods",
+            f"Training stages in order (from {', '.join(stage_names())}; e.g. sft,dpo or sft,grpo)",
+            _show_list("sft"),
+            split_list,
+        ),
+    ]
+    tail = [
+        Question("benchmarks", "lm-eval benchmarks (task names, or none)", _show_list("none"), split_list),
+        Question(
+            "qlora",
+            "QLoRA: train LoRA on a 4-bit base (y/n)",
+            lambda v: "y" if v else "n",
+            _yes_no,
+            lambda b: not b.cpu,
+        ),
+        Question(
+            "sharding",
+            "Sharding over the GPUs (ddp, fsdp, zero2, zero3)",
+            str,
+            str.strip,
+            lambda b: b.processes > 1,
+        ),
+    ]
+    return [*head, *(_data_question(s) for s in stage_names()), *tail]
 
 
 def _follow(values: dict[str, Any], answered: str, before: dict[str, Any], memory_given: bool) -> None:
@@ -406,16 +522,15 @@ def ask_brief(defaults: Brief, ask: Callable[[str, str], str], *, tries: int = 3
         values["qlora"] = None  # not chosen: follows the model and GPU answers
     if defaults.sharding == auto_sharding(defaults):
         values["sharding"] = None  # not chosen: follows the model, GPU and node answers
-    for q in BRIEF_QUESTIONS:
+    for q in brief_questions():
         current = Brief(**values)
         if not q.asked(current):
             continue
         prompt = q.prompt
         for attempt in range(tries):
-            answer = ask(prompt, q.show(getattr(current, q.field)))
-            trial = dict(values)
+            answer = ask(prompt, q.show(q.current(current)))
             try:
-                trial[q.field] = q.parse(answer)
+                trial = q.answered(values, q.parse(answer))
                 _follow(trial, q.field, values, memory_given)
                 Brief(**trial)
             except ScaffoldError as e:
@@ -441,12 +556,15 @@ class _Stage:
     accum: int
     lr: float
     lr_comment: str = ""
+    # The stage's own keys the brief decides: key -> (value, comment); "" = the section's comment.
+    own: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # Commented-out alternatives written under a key (without the leading "# ").
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _Sizing:
-    sft: _Stage
-    dpo: _Stage
+    stages: dict[str, _Stage]  # each chosen training stage
     max_length: int
     max_length_comment: str
     logging_steps: int
@@ -456,33 +574,219 @@ class _Sizing:
 
 
 _SAMPLE_LENGTH = "the sample rows are under 100 tokens; longer rows go to rejects.jsonl"
+# One regime per brief: a CPU (a short run in steps, minutes), GPUs on the sample data (a short run
+# too), GPUs on real data (epochs, an effective batch near 64).
+_Regime = str  # "cpu" | "gpu_sample" | "gpu_data"
+
+
+def _sft_size(brief: Brief, regime: _Regime) -> _Stage:
+    if regime == "cpu":
+        small = _small(brief)
+        return _Stage(
+            "max_steps",
+            16,
+            "CPU: a short run (2 epochs of the 64 sample rows); raise for real data",
+            batch=8,
+            accum=1,
+            lr=2e-3 if small else 2e-4,
+            lr_comment="high for LoRA; fine for a short run on a small model" if small else "",
+        )
+    if regime == "gpu_sample":
+        return _Stage(
+            "max_steps",
+            32,
+            "2 epochs of the 64 sample rows; use num_train_epochs for real data",
+            batch=4,
+            accum=1,
+            lr=2e-4,
+            lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
+        )
+    return _Stage(
+        "num_train_epochs",
+        2,
+        "more epochs fit the format harder and risk forgetting",
+        batch=2,
+        accum=max(1, 64 // (2 * brief.processes)),
+        lr=2e-4,
+        lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
+    )
+
+
+def _dpo_size(brief: Brief, regime: _Regime) -> _Stage:
+    short = "on for the short sample run: the chosen answers stay likely"
+    rpo = {"sft_weight": (1.0, short) if regime != "gpu_data" else (0.0, "")}
+    if regime == "cpu":
+        return _Stage(
+            "max_steps",
+            8,
+            "one epoch of the 32 sample pairs",
+            batch=4,
+            accum=1,
+            lr=5e-4 if _small(brief) else 5e-5,
+            lr_comment="far above the 5e-6 of long GPU runs: only 8 steps",
+            own=rpo,
+        )
+    if regime == "gpu_sample":
+        return _Stage(
+            "max_steps",
+            16,
+            "one epoch of the 32 sample pairs",
+            batch=2,
+            accum=1,
+            lr=5e-5,
+            lr_comment="raised for a short run; 5e-6 for real data",
+            own=rpo,
+        )
+    return _Stage(
+        "num_train_epochs",
+        1,
+        "DPO overfits preferences quickly; one epoch is the norm",
+        batch=1,
+        accum=max(1, 64 // brief.processes),
+        lr=5e-6,
+        lr_comment="low: DPO moves the policy fast",
+        own=rpo,
+    )
+
+
+def _grpo_size(brief: Brief, regime: _Regime) -> _Stage:
+    from .stages.grpo import BUILTIN_REWARDS, Reward
+
+    # Sample prompts have numbers for answers; other data gets the exact answer as the default.
+    reward = "numeric_match" if not brief.data_for("grpo") else "exact_match"
+    own: dict[str, tuple[Any, str]] = {
+        "rewards": (
+            [Reward(name=reward, weight=1.0)],
+            f"summed by weight: {', '.join(BUILTIN_REWARDS)} or your module:function",
+        ),
+    }
+    notes = {
+        "rewards": [
+            "- {name: format, pattern: '<think>.*?</think>\\s*\\S+', weight: 0.2}  "
+            "# reasoning models: a think block, then the answer",
+            *(
+                ["- {name: numeric_match, weight: 1.0}  # numeric answers: the last number, 1,234 = 1234.0"]
+                if reward != "numeric_match"
+                else []
+            ),
+        ]
+    }
+    short = "the sample answers are a few tokens; reasoning tasks want 256 or more"
+    if regime in ("cpu", "gpu_sample"):
+        cpu = regime == "cpu"
+        own.update(
+            num_generations=(4, ""),
+            max_completion_length=(16 if brief.sample else 128, short if brief.sample else ""),
+        )
+        return _Stage(
+            "max_steps",
+            8 if cpu else 16,
+            (
+                "CPU: 8 steps of 2 prompts x 4 completions; raise for real data"
+                if cpu
+                else "one epoch of the 32 sample prompts, 2 per step"
+            ),
+            batch=8,
+            accum=1,
+            lr=(1e-4 if _small(brief) else 2e-5) if cpu else 5e-5,
+            lr_comment="raised for a short run; ~1e-5 for real data",
+            own=own,
+            notes=notes,
+        )
+    own.update(
+        num_generations=(8, ""),
+        max_completion_length=(256, "tokens per completion; time and memory grow with it"),
+    )
+    return _Stage(
+        "num_train_epochs",
+        1,
+        "every prompt once, num_generations completions each",
+        batch=8,
+        accum=max(1, 8 // brief.processes),
+        lr=1e-5,
+        lr_comment="low: RL on a tuned model drifts fast",
+        own=own,
+        notes=notes,
+    )
+
+
+def _kto_size(brief: Brief, regime: _Regime) -> _Stage:
+    if regime == "cpu":
+        return _Stage(
+            "max_steps",
+            8,
+            "one epoch of the 64 sample rows (32 pairs split in two)",
+            batch=8,
+            accum=1,
+            lr=5e-4 if _small(brief) else 5e-5,
+            lr_comment="far above the 5e-6 of long GPU runs: only 8 steps",
+        )
+    if regime == "gpu_sample":
+        return _Stage(
+            "max_steps",
+            16,
+            "two epochs of the 64 sample rows (32 pairs split in two)",
+            batch=8,
+            accum=1,
+            lr=5e-5,
+            lr_comment="raised for a short run; 5e-6 for real data",
+        )
+    return _Stage(
+        "num_train_epochs",
+        1,
+        "one epoch, as for DPO",
+        batch=4,
+        accum=max(1, 64 // (4 * brief.processes)),
+        lr=5e-6,
+        lr_comment="low: KTO moves the policy fast, like DPO",
+    )
+
+
+def _schema_size(brief: Brief, regime: _Regime, stage: str) -> _Stage:
+    """A stage init has no sizing for (a plugin): its section's defaults, a short run off real GPUs."""
+    d = registry.get(stage).section()
+    if regime != "gpu_data":
+        return _Stage(
+            "max_steps",
+            8,
+            "a short run; raise for real data",
+            d.per_device_train_batch_size,
+            d.gradient_accumulation_steps,
+            d.learning_rate,
+        )
+    length, amount = (
+        ("max_steps", d.max_steps) if d.max_steps > 0 else ("num_train_epochs", d.num_train_epochs)
+    )
+    return _Stage(
+        length, amount, "", d.per_device_train_batch_size, d.gradient_accumulation_steps, d.learning_rate
+    )
+
+
+# How init sizes the built-in stages for a brief; any other stage gets its section's defaults.
+_STAGE_SIZES: dict[str, Callable[[Brief, _Regime], _Stage]] = {
+    "sft": _sft_size,
+    "dpo": _dpo_size,
+    "grpo": _grpo_size,
+    "kto": _kto_size,
+}
+
+
+def _small(brief: Brief) -> bool:
+    return (estimate_params_billion(brief.base_model) or 1.0) < 1.0
 
 
 def _sizing(brief: Brief) -> _Sizing:
     """Numbers for the full run. On a CPU or with the sample data, a short run counted in steps (it
     must finish in minutes); real data on GPUs: epochs, with an effective batch near 64."""
-    sample = not brief.sft_data and not brief.dpo_data
+    sample = brief.sample
+    regime = "cpu" if brief.cpu else "gpu_sample" if sample else "gpu_data"
+    stages = {
+        s: _STAGE_SIZES[s](brief, regime) if s in _STAGE_SIZES else _schema_size(brief, regime, s)
+        for s in brief.methods
+    }
     if brief.cpu:
-        small = (estimate_params_billion(brief.base_model) or 1.0) < 1.0
         return _Sizing(
-            sft=_Stage(
-                "max_steps",
-                16,
-                "CPU: a short run (2 epochs of the 64 sample rows); raise for real data",
-                batch=8,
-                accum=1,
-                lr=2e-3 if small else 2e-4,
-                lr_comment="high for LoRA; fine for a short run on a small model" if small else "",
-            ),
-            dpo=_Stage(
-                "max_steps",
-                8,
-                "one epoch of the 32 sample pairs",
-                batch=4,
-                accum=1,
-                lr=5e-4 if small else 5e-5,
-                lr_comment="far above the 5e-6 of long GPU runs: only 8 steps",
-            ),
+            stages=stages,
             max_length=256 if sample else 1024,
             max_length_comment=_SAMPLE_LENGTH if sample else "tokens; CPU time grows with it",
             logging_steps=1,
@@ -492,24 +796,7 @@ def _sizing(brief: Brief) -> _Sizing:
         )
     if sample:
         return _Sizing(
-            sft=_Stage(
-                "max_steps",
-                32,
-                "2 epochs of the 64 sample rows; use num_train_epochs for real data",
-                batch=4,
-                accum=1,
-                lr=2e-4,
-                lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
-            ),
-            dpo=_Stage(
-                "max_steps",
-                16,
-                "one epoch of the 32 sample pairs",
-                batch=2,
-                accum=1,
-                lr=5e-5,
-                lr_comment="raised for a short run; 5e-6 for real data",
-            ),
+            stages=stages,
             max_length=256,
             max_length_comment=_SAMPLE_LENGTH,
             logging_steps=1,
@@ -518,24 +805,7 @@ def _sizing(brief: Brief) -> _Sizing:
             max_samples=None,
         )
     return _Sizing(
-        sft=_Stage(
-            "num_train_epochs",
-            2,
-            "more epochs fit the format harder and risk forgetting",
-            batch=2,
-            accum=max(1, 64 // (2 * brief.processes)),
-            lr=2e-4,
-            lr_comment="the usual LoRA rate; full fine-tuning wants ~1e-5",
-        ),
-        dpo=_Stage(
-            "num_train_epochs",
-            1,
-            "DPO overfits preferences quickly; one epoch is the norm",
-            batch=1,
-            accum=max(1, 64 // brief.processes),
-            lr=5e-6,
-            lr_comment="low: DPO moves the policy fast",
-        ),
+        stages=stages,
         max_length=4096 if (brief.gpu_memory_gb or 0) >= 40 else 2048,
         max_length_comment="tokens; memory and time grow with it. Longer rows go to rejects.jsonl",
         logging_steps=10,
@@ -605,7 +875,8 @@ def _header(brief: Brief) -> str:
             "#   sbatch slurm.sbatch",
         ]
     lines += [
-        "# Any key can be overridden on the command line: tunepipe run tunepipe.yaml sft.learning_rate=1e-4",
+        "# Any key can be overridden on the command line: tunepipe run tunepipe.yaml "
+        f"{brief.methods[0]}.learning_rate=1e-4",
         "# Written by `tunepipe init`; README.md has the brief and the stage checklist.",
     ]
     return "\n".join(lines)
@@ -706,33 +977,38 @@ def _model_section(brief: Brief) -> str:
     return "\n".join(lines)
 
 
-def _stage_data(stage: str, paths: list[str], dest: Path, fmt: str) -> list[str]:
+def _stage_data(stage: str, paths: list[str], dest: Path) -> list[str]:
+    fmt = SAMPLE_FORMAT[registry.get(stage).data]
     if not paths:
-        return [
+        lines = [
             _kv(1, stage),
             _kv(2, "train", f"data/{stage}_train.jsonl", f"sample, `{fmt}` format: replace with your data"),
-            _kv(
-                2,
-                "eval",
-                f"data/{stage}_eval.jsonl",
-                "held out; or eval_split: 0.05 (a seeded share of train)",
-            ),
         ]
+        if scored(stage):
+            lines.append(
+                _kv(
+                    2,
+                    "eval",
+                    f"data/{stage}_eval.jsonl",
+                    "held out; or eval_split: 0.05 (a seeded share of train)",
+                )
+            )
+        return lines
     refs = [_source_ref(p, dest) for p in paths]
     train = _scalar(refs[0]) if len(refs) == 1 else _flow(refs)
-    return [
+    lines = [
         _kv(1, stage),
         _kv(2, "train", train, "format detected per source; `format:`/`columns:` override"),
-        _kv(2, "eval_split", "0.05", "a seeded share of train held out; or eval: FILE"),
     ]
+    if scored(stage):
+        lines.append(_kv(2, "eval_split", "0.05", "a seeded share of train held out; or eval: FILE"))
+    return lines
 
 
 def _data_section(brief: Brief, dest: Path, sizing: _Sizing) -> str:
     lines = ["data:"]
-    if "sft" in brief.methods:
-        lines += _stage_data("sft", brief.sft_data, dest, "messages")
-    if "dpo" in brief.methods:
-        lines += _stage_data("dpo", brief.dpo_data, dest, "preference")
+    for stage in brief.methods:
+        lines += _stage_data(stage, brief.data_for(stage), dest)
     lines += [
         _kv(1, "max_length", str(sizing.max_length), sizing.max_length_comment),
         _kv(1, "truncation", "drop", "drop | truncate | error: nothing is cut silently"),
@@ -741,6 +1017,17 @@ def _data_section(brief: Brief, dest: Path, sizing: _Sizing) -> str:
         _kv(1, "seed", "0"),
     ]
     return "\n".join(lines)
+
+
+def _pipeline_section(brief: Brief) -> str:
+    return "\n".join(
+        [
+            "# The training stages in order, each starting from the previous one's result (the first from",
+            f"# the base model). Training stages: {', '.join(stage_names())}.",
+            _kv(0, "pipeline", _flow(brief.methods)),
+            _kv(0, "# plugins", "[my_stage]", "your own stage modules (STAGE + run), next to this file"),
+        ]
+    )
 
 
 def _training_section(sizing: _Sizing) -> str:
@@ -768,61 +1055,182 @@ def _training_section(sizing: _Sizing) -> str:
     )
 
 
+@cache
+def _class_comments(klass: type) -> dict[str, tuple[tuple[str, ...], str]]:
+    """field -> (the comment lines right above it, the comment at the end of its line), as written
+    in the body of `klass` itself (not its bases); {} when its source cannot be read."""
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
+        return {}
+    lines = src.splitlines()
+    trailing = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+        if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].strip() != tok.string.strip()
+    }
+    out = {}
+    node = ast.parse(src).body[0]
+    for item in getattr(node, "body", []):
+        if not (isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)):
+            continue
+        above: list[str] = []
+        i = item.lineno - 2
+        while i >= 0 and lines[i].strip().startswith("#"):
+            above.insert(0, lines[i].strip().lstrip("#").strip())
+            i -= 1
+        out[item.target.id] = (tuple(above), trailing.get(item.end_lineno or item.lineno, ""))
+    return out
+
+
+def _schema_comment(section: type, key: str, *, own_only: bool = False) -> tuple[tuple[str, ...], str]:
+    """What the schema says about `key` of a stage section: the field's description, else the comment
+    the nearest class defining it writes; own_only: only a stage class's own (not StageTrainingConfig)."""
+    from pydantic import BaseModel
+
+    from .config import StageTrainingConfig
+
+    f = section.model_fields[key]
+    for klass in section.__mro__:
+        if (own_only and klass is StageTrainingConfig) or klass is BaseModel:
+            return (), ""
+        comments = _class_comments(klass)
+        if key in comments:
+            above, trailing = comments[key]
+            if f.description:
+                return (), f.description
+            # "(see run)" and the like point into the module, not anywhere a config reader can look.
+            return tuple(_SEE.sub("", x) for x in above), _SEE.sub("", trailing)
+    return (), f.description or ""
+
+
+_SEE = re.compile(r" \(see [\w.]+\)")
+
+
+def _choices(section: type, key: str) -> list[str]:
+    """The values a Literal field takes ('auto', true, false for Literal["auto"] | bool)."""
+    import typing
+
+    out: list[str] = []
+    ann = section.model_fields[key].annotation
+    for part in typing.get_args(ann) if typing.get_origin(ann) is not typing.Literal else (ann,):
+        if typing.get_origin(part) is typing.Literal:
+            out += [_scalar(v) for v in typing.get_args(part)]
+        elif part is bool:
+            out += ["true", "false"]
+    return out
+
+
+def _yaml_value(v: Any) -> str:
+    """A default as flow YAML: scalars, lists, mappings, pydantic models (the fields it was given)."""
+    from pydantic import BaseModel
+
+    if isinstance(v, BaseModel):
+        v = {k: getattr(v, k) for k in type(v).model_fields if k in v.model_fields_set}
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_yaml_value(x) for x in v) + "]"
+    return _scalar(v)
+
+
+# Keys written for every stage (sized by the brief) before the stage's own keys.
+_HEAD = (
+    "enabled",
+    "method",
+    "lora",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "group_by_length",
+    "lm_head_loss_positions_only",
+)
+# A stage's own keys not written: present only to be refused (DPO cannot pack pairs).
+_HIDDEN = {"dpo": ("packing",)}
+
+
+def _stage_keys(stage: str) -> list[str]:
+    """The keys a stage's section adds to StageTrainingConfig, in the order its class writes them."""
+    from .config import StageTrainingConfig
+
+    section = registry.get(stage).section
+    hidden = _HIDDEN.get(stage, ())
+    return [
+        k for k in section.model_fields if k not in StageTrainingConfig.model_fields and k not in hidden
+    ] + [k for k in StageTrainingConfig.model_fields if k not in _HEAD and k in _own_fields(section)]
+
+
+def _own_fields(section: type) -> set[str]:
+    """Fields a stage class (below StageTrainingConfig) writes itself, redefinitions included."""
+    from .config import StageTrainingConfig
+
+    out: set[str] = set()
+    for klass in section.__mro__:
+        if klass is StageTrainingConfig:
+            break
+        out |= set(_class_comments(klass)) | set(vars(klass).get("__annotations__", {}))
+    return out
+
+
 def _training_stage_section(brief: Brief, stage: str, s: _Stage) -> str:
-    enabled = stage in brief.methods
+    """`<stage>:` from its section class: the shared keys sized by the brief, then every key the
+    stage adds, at its default (or the brief's value) with the comment its module writes."""
+    section = registry.get(stage).section
+    defaults = section()
     method = "qlora" if brief.qlora else "lora"
     eff = s.batch * s.accum * brief.processes
     lines = [f"{stage}:"]
-    lines.append(
-        _kv(
-            1,
-            "enabled",
-            _scalar(enabled),
-            "" if enabled else f"not in the brief; add data.{stage}.train to use it",
-        )
+
+    def put(key: str, value: str | None, comment: str = "", *, schema: bool = False) -> None:
+        """One key. Shared keys: the stage's own comment wins where its class writes one, else
+        `comment`. The stage's keys (schema): the schema's comment, unless `comment` explains a value
+        the brief chose; the comment lines above a field are kept either way."""
+        above, trailing = _schema_comment(section, key, own_only=not schema)
+        if (above or trailing) if not schema else not comment:
+            comment = trailing
+        choices = _choices(section, key)
+        if schema and len(choices) > 2 and " | " not in comment:
+            comment = " | ".join(choices) + (f": {comment}" if comment else "")
+        if value is None:  # a block value follows: its comment goes above it
+            above, comment = (*above, *([comment] if comment else [])), ""
+        lines.extend("  # " + x if x else "  #" for x in above)
+        lines.append(_kv(1, key, value, comment))
+
+    put("enabled", "true", "false: skipped; the next stage starts from the one before")
+    put("method", method, "lora | qlora (4-bit base) | full (~16 B/param with AdamW) | freeze")
+    put("lora", "{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}", "higher r: more capacity")
+    put(s.length, _scalar(s.amount), s.length_comment)
+    put("learning_rate", _scalar(s.lr), s.lr_comment)
+    put("per_device_train_batch_size", str(s.batch), "halved automatically on out-of-memory")
+    effective = (
+        f"effective batch {s.batch} x {s.accum}"
+        + (f" x {brief.processes} GPUs" if brief.processes > 1 else "")
+        + f" = {eff}"
     )
-    lines += [
-        _kv(1, "method", method, "lora | qlora (4-bit base) | full (~16 B/param with AdamW) | freeze"),
-        _kv(
-            1,
-            "lora",
-            "{r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}",
-            "higher r: more capacity",
-        ),
-        _kv(1, s.length, str(s.amount), s.length_comment),
-        _kv(1, "learning_rate", _scalar(s.lr), s.lr_comment),
-        _kv(1, "per_device_train_batch_size", str(s.batch), "halved automatically on out-of-memory"),
-        _kv(
-            1,
-            "gradient_accumulation_steps",
-            str(s.accum),
-            f"effective batch {s.batch} x {s.accum}"
-            + (f" x {brief.processes} GPUs" if brief.processes > 1 else "")
-            + f" = {eff}",
-        ),
-        _kv(
-            1,
-            "gradient_checkpointing",
-            "auto",
-            "on only when the memory plan needs it (~30% slower, far less memory); off on CPU",
-        ),
-        _kv(1, "group_by_length", "true", "micro-batches of similar lengths: less padding"),
-        _kv(1, "lm_head_loss_positions_only", "true", "project only loss-bearing positions"),
-    ]
-    if stage == "sft":
-        lines.append(_kv(1, "packing", "false", "true packs rows into full sequences (rows kept apart)"))
-    else:
-        lines += [
-            _kv(1, "beta", "0.1", "higher keeps the policy closer to the reference (the SFT model)"),
-            _kv(1, "loss_type", "sigmoid", "sigmoid | ipo | hinge | robust"),
-            _kv(
-                1,
-                "sft_weight",
-                "1.0" if brief.cpu or not (brief.sft_data or brief.dpo_data) else "0.0",
-                "RPO: > 0 also raises the chosen answer's likelihood",
-            ),
-            _kv(1, "reference", "auto", "auto = the SFT model with the adapter disabled (LoRA)"),
-        ]
+    generations = s.own.get("num_generations", (None, ""))[0]
+    if generations:  # GRPO counts completions: whole groups of num_generations per prompt
+        effective += f" completions, {eff // generations} prompts"
+    put("gradient_accumulation_steps", str(s.accum), effective)
+    put(
+        "gradient_checkpointing",
+        "auto",
+        "on only when the memory plan needs it (~30% slower, far less memory); off on CPU",
+    )
+    put(
+        "group_by_length", _scalar(defaults.group_by_length), "micro-batches of similar lengths: less padding"
+    )
+    put("lm_head_loss_positions_only", "true", "project only loss-bearing positions")
+    for key in _stage_keys(stage):
+        value, comment = s.own.get(key, (getattr(defaults, key), ""))
+        if isinstance(value, list) and value and not isinstance(value[0], str | int | float):
+            put(key, None, comment, schema=True)  # a list of mappings: one per line, room for notes
+            lines.extend("    - " + _yaml_value(x) for x in value)
+        else:
+            put(key, _yaml_value(value), comment, schema=True)
+        lines.extend("    # " + note for note in s.notes.get(key, []))
     return "\n".join(lines)
 
 
@@ -832,14 +1240,15 @@ def _eval_section(brief: Brief, sizing: _Sizing) -> str:
     from .config import EvalConfig
 
     models = ["base", *brief.methods]
-    sets = [s for s, stage in (("sft_eval", "sft"), ("dpo_eval", "dpo")) if stage in brief.methods]
-    metrics = ["exact_match", "loss"] if "sft" in brief.methods else []
-    if "dpo" in brief.methods:
+    sets = [registry.get(s).eval_split for s in brief.methods if scored(s)]
+    kinds = {registry.get(s).data for s in brief.methods if scored(s)}
+    metrics = ["exact_match", "loss"] if kinds - {"pairs"} else []
+    if "pairs" in kinds:
         metrics.append("preference_accuracy")
     lines = [
         "eval:",
         _kv(1, "models", _flow(models), "each is evaluated on every set"),
-        _kv(1, "sets", _flow(sets), "held-out splits written by the data stage"),
+        _kv(1, "sets", _flow(sets), "held-out splits written by the data stage (unpaired: none)"),
         _kv(1, "metrics", _flow(metrics), "exact_match is greedy generation vs the reference"),
         _kv(1, "max_new_tokens", str(sizing.max_new_tokens), "longer answers are cut; time grows with it"),
         _kv(1, "batch_size", "16"),
@@ -886,9 +1295,9 @@ def render_config(brief: Brief, dest: Path) -> str:
         _hardware_section(brief),
         _model_section(brief),
         _data_section(brief, dest, sizing),
+        _pipeline_section(brief),
         _training_section(sizing),
-        _training_stage_section(brief, "sft", sizing.sft),
-        _training_stage_section(brief, "dpo", sizing.dpo),
+        *(_training_stage_section(brief, stage, sizing.stages[stage]) for stage in brief.methods),
         _eval_section(brief, sizing),
         _report_section(brief),
     ]
@@ -1122,11 +1531,16 @@ def _stage_rows(brief: Brief, run_dir: str) -> list[tuple[str, str, str]]:
     if brief.processes > 1:  # one command: it launches the processes (and follows the other nodes)
         train = f"`{RUN}` ({{0}} on {brief.processes} GPUs)"
     for stage in brief.methods:
+        spec = registry.get(stage)
+        # RL's loss is no progress measure (the loss_falling gate does not apply): its first curve is.
+        progress = (
+            "loss falls" if spec.loss_falls or not spec.curves else f"watch the {spec.curves[0].label} rise"
+        )
         rows.append(
             (
                 stage,
                 train.format(stage),
-                f"training starts, every logged loss is finite, loss falls (`{run_dir}/{stage}/log.jsonl`)",
+                f"training starts, every logged loss is finite, {progress} (`{run_dir}/{stage}/log.jsonl`)",
             )
         )
     rows += [
@@ -1148,16 +1562,21 @@ def render_readme(brief: Brief, dest: Path) -> str:
     run_dir = f"runs/{_slug(brief.name)}"
     method = "QLoRA" if brief.qlora else "LoRA"
     data_lines = []
-    for stage, paths, fmt in (("sft", brief.sft_data, "messages"), ("dpo", brief.dpo_data, "preference")):
-        if stage not in brief.methods:
-            continue
+    for stage in brief.methods:
+        title, paths = registry.get(stage).title, brief.data_for(stage)
         if paths:
-            data_lines.append(f"{stage.upper()}: " + ", ".join(f"`{_source_ref(p, dest)}`" for p in paths))
+            data_lines.append(f"{title}: " + ", ".join(f"`{_source_ref(p, dest)}`" for p in paths))
         else:
+            files = " + ".join(f"`data/{f}`" for f in _sample_files(stage))
             data_lines.append(
-                f"{stage.upper()}: sample `data/{stage}_train.jsonl` + `data/{stage}_eval.jsonl` "
-                f"(`{fmt}` format, generated: replace with your data)"
+                f"{title}: sample {files} (`{SAMPLE_FORMAT[registry.get(stage).data]}` format, generated: "
+                "replace with your data)"
             )
+    samples = [
+        f"{registry.get(s).title}: `{SAMPLE_FORMAT[registry.get(s).data]}`"
+        for s in brief.methods
+        if not brief.data_for(s)
+    ]
     bench = ", ".join(brief.benchmarks) if brief.benchmarks else "none"
     out = [
         f"# {brief.name}",
@@ -1172,10 +1591,10 @@ def render_readme(brief: Brief, dest: Path) -> str:
         f"| hardware | {brief.hardware_text} |",
         f"| time limit | {brief.time_limit} per `tunepipe run` (at the limit: a checkpoint, exit 75) |",
         f"| base model | `{brief.base_model}` |",
-        f"| methods | {' → '.join(m.upper() for m in brief.methods)} ({method}) |",
+        f"| methods | {' → '.join(registry.title(m) for m in brief.methods)} ({method}) |",
         f"| training data | {'<br>'.join(data_lines)} |",
         "| evaluation | held-out sets: "
-        + ", ".join(f"{m} on `{m}_eval`" for m in brief.methods)
+        + (", ".join(f"{m} on `{registry.get(m).eval_split}`" for m in brief.methods if scored(m)) or "none")
         + f"; benchmarks: {bench} |",
         "",
         "## Stages",
@@ -1192,8 +1611,8 @@ def render_readme(brief: Brief, dest: Path) -> str:
         "## Files",
         "",
         "- `tunepipe.yaml` — the whole project: every section, with the trade-offs in comments",
-        "- `data/` — sample data, one file per format used (SFT: `messages`, DPO: `preference`)"
-        if not (brief.sft_data and brief.dpo_data)
+        f"- `data/` — sample data, one file per format used ({', '.join(samples)})"
+        if samples
         else "- `data/` — put project data here (the config points at the brief's data)",
         "- `requirements.txt` — the packages pinned to the versions `tunepipe init` found",
         f"- `configs/accelerate.yaml` — an `accelerate launch` config for {brief.hardware_text} "
@@ -1238,18 +1657,64 @@ def render_readme(brief: Brief, dest: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def _sample_files(stage: str) -> list[str]:
+    """The sample files a stage without data gets: train and, when it is scored, eval."""
+    return [f"{stage}_{part}.jsonl" for part in (("train", "eval") if scored(stage) else ("train",))]
+
+
+def _numeric_prompts(seen: set[str], seed: int = 0) -> dict[str, list[dict]]:
+    """Prompts whose reference answers are numbers (sums and unit conversions from the quickstart
+    skills), none of them a question the other samples ask; the answer is the last assistant turn."""
+    from .quickstart.skills import SYSTEM, addition, unit_conversion
+
+    rng = random.Random(seed)
+    tasks = (addition, unit_conversion)
+    out: dict[str, list[dict]] = {}
+    for part, n in SAMPLE_PROMPTS.items():
+        rows: list[dict] = []
+        while len(rows) < n:
+            q, answer, _wrong = tasks[len(rows) % len(tasks)](rng)
+            if q in seen:
+                continue
+            seen.add(q)
+            turns = [("system", SYSTEM), ("user", q), ("assistant", answer)]
+            rows.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+        out[part] = rows
+    return out
+
+
+def _unpaired(pairs: list[dict]) -> list[dict]:
+    """Preference pairs as unpaired feedback: the chosen answer labelled true, the rejected false."""
+    return [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
 def _write_samples(data_dir: Path, brief: Brief) -> list[Path]:
-    """One train and one held-out file per generated stage (quickstart skills: exact answers)."""
+    """The sample files of every chosen stage without data, by the kind of data it reads (quickstart
+    skills: exact answers; preference pairs split into good and bad rows for unpaired feedback)."""
     from .quickstart.skills import generate
 
-    splits = generate(seed=0, **SAMPLE_SIZES)
+    skills = generate(seed=0, **SAMPLE_SIZES)
+    seen = {
+        m["content"] for rows in skills.values() for r in rows for m in r.get("messages", r.get("prompt", []))
+    }
+    prompts = _numeric_prompts(seen)
+    by_kind: dict[str, Callable[[str], list[dict]]] = {
+        "conversations": lambda part: skills[f"sft_{part}"],
+        "pairs": lambda part: skills[f"dpo_{part}"],
+        "prompts": lambda part: prompts[part],
+        "unpaired": lambda part: _unpaired(skills[f"dpo_{part}"]),
+    }
     written = []
-    for stage, paths in (("sft", brief.sft_data), ("dpo", brief.dpo_data)):
-        if stage not in brief.methods or paths:
+    for stage in brief.methods:
+        if brief.data_for(stage):
             continue
-        for part in ("train", "eval"):
-            path = data_dir / f"{stage}_{part}.jsonl"
-            rows = splits[f"{stage}_{part}"]
+        for name in _sample_files(stage):
+            rows = by_kind[registry.get(stage).data](name.removeprefix(f"{stage}_").removesuffix(".jsonl"))
+            path = data_dir / name
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             written.append(path)
     return written
