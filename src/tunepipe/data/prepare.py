@@ -517,6 +517,18 @@ def _stage_for(kind: str) -> str:
     return " or ".join(f"data.{n}" for n in names) or "another stage's data"
 
 
+def _prompt_messages(msgs: list[Any], field: str) -> list[dict[str, Any]]:
+    """A prompt given as messages (no assistant reply needed: the answer is its own column)."""
+    out = []
+    for i, m in enumerate(msgs, 1):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise RowError(f"{field}[{i}]: expected {{role, content}} with text content, got {m!r}"[:200])
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise RowError(f"{field}[{i}]: unknown role {m['role']!r} (system, user, assistant, tool)")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
 def _to_prompt(rec: dict[str, Any], fmt: str, columns: dict[str, str], title: str) -> dict[str, Any]:
     """A prompt and its reference answer (GRPO): an `answer` column, else the last assistant turn of
     any conversation format (what comes before it is the prompt)."""
@@ -530,7 +542,7 @@ def _to_prompt(rec: dict[str, Any], fmt: str, columns: dict[str, str], title: st
         if prompt_col in rest and isinstance(rest[prompt_col], str):
             prompt = [{"role": "user", "content": rest[prompt_col]}]
         elif prompt_col in rest and isinstance(rest[prompt_col], list):
-            prompt = to_conversation({"messages": rest[prompt_col]}, "messages", {})
+            prompt = _prompt_messages(rest[prompt_col], prompt_col)
         elif fmt == PROMPT_ANSWER:
             raise RowError(
                 f"no `{prompt_col}` next to `{answer_col}`: a prompt row needs the question as `prompt` "

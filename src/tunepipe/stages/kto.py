@@ -29,7 +29,7 @@ class KTOSection(StageTrainingConfig):
     # weight x count is about equal (KTO paper: ratio within 1 to 4/3).
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
-    # TRL reads KTO rows in order (see run): false = a seeded shuffle, true = seeded length groups.
+    # TRL reads KTO rows in order: false = a seeded shuffle, true = seeded length groups.
     group_by_length: bool = False
 
     def reference_policy(self) -> str | None:
