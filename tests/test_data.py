@@ -120,3 +120,26 @@ def test_preference_rows_are_pairs_with_a_shared_prompt(tmp_path: Path, tiny_tok
     assert pairs[0]["prompt"] == [{"role": "user", "content": "Add 2 and 3."}]
     assert pairs[0]["chosen"] == [{"role": "assistant", "content": "5"}]
     assert [(r["line"], "identical" in r["reason"]) for r in prep.rejects] == [(3, True)]
+
+
+def test_prompt_rows_for_grpo_from_an_answer_column_or_the_last_assistant_turn() -> None:
+    from tunepipe.data.formats import RowError
+    from tunepipe.data.prepare import PROMPT_ANSWER, _to_prompt
+
+    row = _to_prompt({"prompt": "What is 2 + 3?", "answer": 5}, PROMPT_ANSWER, {}, "GRPO")
+    assert row["prompt"] == [{"role": "user", "content": "What is 2 + 3?"}] and row["answer"] == "5"
+    assert row["messages"][-1] == {"role": "assistant", "content": "5"}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 3?"}]
+    assert _to_prompt({"prompt": msgs, "answer": "5"}, PROMPT_ANSWER, {}, "GRPO")["prompt"] == msgs
+    mapped = _to_prompt({"q": "1 + 1?", "a": "2"}, PROMPT_ANSWER, {"prompt": "q", "answer": "a"}, "GRPO")
+    assert mapped["answer"] == "2" and mapped["prompt"][0]["content"] == "1 + 1?"
+    conv = {"messages": [*msgs, {"role": "assistant", "content": "5"}]}
+    assert _to_prompt(conv, "messages", {}, "GRPO") == {**row, "prompt": msgs, "messages": conv["messages"]}
+    for bad, fmt, why in [
+        ({"prompt": "x", "chosen": "a", "rejected": "b"}, "preference", "prompts need a reference answer"),
+        ({"question": "x", "answer": "1"}, PROMPT_ANSWER, "no `prompt` next to `answer`"),
+        ({"prompt": "x", "answer": ""}, PROMPT_ANSWER, "must be a non-empty text or number"),
+        ({"prompt": [{"role": "robot", "content": "x"}], "answer": "1"}, PROMPT_ANSWER, "unknown role"),
+    ]:
+        with pytest.raises(RowError, match=why):
+            _to_prompt(bad, fmt, {}, "GRPO")
