@@ -109,32 +109,9 @@ def test_metric_rewards_name_the_missing_answer_column(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def wide_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from tiny import build_tokenizer
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from tiny import build_model
 
-    dest = tmp_path_factory.mktemp("models") / "wide-qwen3"
-    dest.mkdir()
-    build_tokenizer(dest)
-    tok = AutoTokenizer.from_pretrained(dest)
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-        initializer_range=0.5,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(dest)
-    return dest
+    return build_model(tmp_path_factory.mktemp("models") / "wide-qwen3", initializer_range=0.5)
 
 
 @pytest.fixture

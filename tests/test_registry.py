@@ -91,7 +91,7 @@ def test_a_plugin_that_is_not_a_stage_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="'notastage' defines no STAGE"):
         load_config(cfg)
     cfg.write_text(yaml.safe_dump({"plugins": ["missing_module"]}))
-    with pytest.raises(ConfigError, match="cannot import 'missing_module'"):
+    with pytest.raises(ConfigError, match="plugin: cannot import module 'missing_module'"):
         load_config(cfg)
 
 

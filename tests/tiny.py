@@ -47,8 +47,10 @@ def build_tokenizer(dest: Path) -> None:
     fast.save_pretrained(dest)
 
 
-def build_model(dest: Path, arch: str = "qwen3", seed: int = 0) -> Path:
-    """Write a tiny `arch` ('qwen3' or 'llama') model and its tokenizer to `dest`; returns `dest`."""
+def build_model(dest: Path, arch: str = "qwen3", seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Write a tiny `arch` ('qwen3' or 'llama') model and its tokenizer to `dest`; returns `dest`.
+    A wider `initializer_range` (0.5) gives next-token distributions that are not flat: sampled
+    completions differ, so RL rewards have something to tell apart."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -67,6 +69,7 @@ def build_model(dest: Path, arch: str = "qwen3", seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     if arch == "qwen3":

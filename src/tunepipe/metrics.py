@@ -7,11 +7,9 @@ and are called the same way.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -108,20 +106,9 @@ def rouge_l(prediction: str, reference: str) -> float:
 def load_user_scorer(spec: str, base_dir: Path) -> Scorer:
     """`module:function` -> the function; the config's folder is searched first so a project's own
     `scorers.py` next to tunepipe.yaml works without installing anything."""
-    module_name, func_name = spec.split(":", 1)
-    added = str(base_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(base_dir))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"metric {spec!r}: cannot import module {module_name!r} ({e})") from None
-    finally:
-        if added:
-            sys.path.remove(str(base_dir))
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ValueError(f"metric {spec!r}: {module_name} has no function {func_name!r}")
+    from .usercode import user_function
+
+    fn = user_function(spec, base_dir, "metric")
     if len(inspect.signature(fn).parameters) < 2:
         raise ValueError(f"metric {spec!r}: the scorer must take (prediction, reference)")
     return fn

@@ -15,10 +15,8 @@ TRL's GRPOTrainer calls each as `fn(prompts=..., completions=..., completion_ids
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,18 +131,6 @@ def _length(target: int) -> RewardFunc:
 def _load_user_reward(spec: str, base_dir: Path) -> RewardFunc:
     """`module:function` -> the function, the config's folder searched first (as metrics.load_user_scorer
     imports a user scorer); called with TRL's reward arguments."""
-    module_name, func_name = spec.split(":", 1)
-    added = str(base_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(base_dir))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r} ({e})") from None
-    finally:
-        if added:
-            sys.path.remove(str(base_dir))
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {module_name} has no function {func_name!r}")
-    return fn
+    from .usercode import user_function
+
+    return user_function(spec, base_dir, "reward")

@@ -584,6 +584,15 @@ def starting_model(ctx: StageContext, stage: str, plan: Plan) -> Any:
     return model
 
 
+def frozen_starting_model(ctx: StageContext, stage: str, plan: Plan) -> Any:
+    """The model `stage` starts from, frozen: the reference policy where no adapter can be disabled
+    (methods full and freeze)."""
+    ref = starting_model(ctx, stage, plan).eval()
+    for p in ref.parameters():
+        p.requires_grad = False
+    return ref
+
+
 def run_trainer_stage(
     ctx: StageContext,
     stage: str,

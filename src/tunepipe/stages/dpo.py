@@ -105,7 +105,7 @@ def run(ctx: StageContext) -> StageResult:
 
     from ..collators import length_grouped_order
     from ..data.prepare import read_split
-    from ..training import run_trainer_stage, starting_model
+    from ..training import frozen_starting_model, run_trainer_stage
     from . import registry
 
     cfg, d = ctx.cfg, ctx.cfg.dpo
@@ -121,12 +121,6 @@ def run(ctx: StageContext) -> StageResult:
     start = registry.title(registry.previous(cfg, "dpo") or "base")
     ctx.log(f"dpo: method {d.method}, reference policy: the {start} model ({reference})")
 
-    def frozen_reference(plan: Any) -> Any:
-        ref = starting_model(ctx, "dpo", plan).eval()
-        for p in ref.parameters():
-            p.requires_grad = False
-        return ref
-
     return run_trainer_stage(
         ctx,
         "dpo",
@@ -138,6 +132,8 @@ def run(ctx: StageContext) -> StageResult:
             "precompute_ref_log_probs": reference == "precompute",
             **_loss_kwargs(d),
         },
-        trainer_kwargs=lambda plan: {"ref_model": frozen_reference(plan) if reference == "copy" else None},
+        trainer_kwargs=lambda plan: {
+            "ref_model": frozen_starting_model(ctx, "dpo", plan) if reference == "copy" else None
+        },
         outputs={"reference": reference},
     )

@@ -148,7 +148,7 @@ def run(ctx: StageContext) -> StageResult:
     from ..data.prepare import read_split
     from ..modeling import uses_lora
     from ..rewards import reward_functions, reward_weights
-    from ..training import run_trainer_stage, starting_model
+    from ..training import frozen_starting_model, run_trainer_stage
 
     cfg, g = ctx.cfg, ctx.cfg.grpo
     rows = read_split(ctx.data_dir, "grpo_train")
@@ -200,7 +200,7 @@ def run(ctx: StageContext) -> StageResult:
         if g.beta > 0 and not uses_lora(g):
             # Without an adapter to disable, TRL loads the reference again from the policy's
             # config._name_or_path: the base weights, not the previous stage's merged result.
-            _replace_reference(trainer, starting_model(ctx, "grpo", plan))
+            _replace_reference(trainer, frozen_starting_model(ctx, "grpo", plan))
 
     return run_trainer_stage(
         ctx,

@@ -83,7 +83,7 @@ def run(ctx: StageContext) -> StageResult:
     from ..collators import length_grouped_order
     from ..data.prepare import read_split
     from ..modeling import uses_lora
-    from ..training import run_trainer_stage, starting_model
+    from ..training import frozen_starting_model, run_trainer_stage
     from . import registry
 
     cfg, d = ctx.cfg, ctx.cfg.kto
@@ -113,12 +113,6 @@ def run(ctx: StageContext) -> StageResult:
     start = registry.title(registry.previous(cfg, "kto") or "base")
     ctx.log(f"kto: method {d.method}, reference policy: the {start} model ({reference})")
 
-    def frozen_reference(plan: Any) -> Any:
-        ref = starting_model(ctx, "kto", plan).eval()
-        for p in ref.parameters():
-            p.requires_grad = False
-        return ref
-
     return run_trainer_stage(
         ctx,
         "kto",
@@ -131,6 +125,8 @@ def run(ctx: StageContext) -> StageResult:
             # TRL refuses any other sampler for the KTO loss (see above); trainer_args chose random.
             **compat.sampling_kwargs(KTOConfig, "sequential"),
         },
-        trainer_kwargs=lambda plan: {"ref_model": frozen_reference(plan) if reference == "copy" else None},
+        trainer_kwargs=lambda plan: {
+            "ref_model": frozen_starting_model(ctx, "kto", plan) if reference == "copy" else None
+        },
         outputs={"reference": reference, "desirable": desirable, "undesirable": undesirable},
     )

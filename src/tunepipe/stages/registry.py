@@ -117,19 +117,10 @@ def register(stage: TrainingStage) -> TrainingStage:
 def load_plugins(modules: list[str], base_dir: Path) -> None:
     """Import the config's `plugins` (the config's folder searched first, like scorer modules) and
     register the STAGE each defines. ValueError naming the module when one cannot be used."""
-    import sys
+    from ..usercode import import_user_module
 
     for name in modules:
-        added = str(base_dir) not in sys.path
-        if added:
-            sys.path.insert(0, str(base_dir))
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            raise ValueError(f"cannot import {name!r} ({e}); put {name}.py next to the config") from None
-        finally:
-            if added:
-                sys.path.remove(str(base_dir))
+        module = import_user_module(name, base_dir, "plugin")
         stage = getattr(module, "STAGE", None)
         if not isinstance(stage, TrainingStage):
             raise ValueError(f"{name!r} defines no STAGE (a tunepipe.stages.registry.TrainingStage)")
