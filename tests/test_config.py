@@ -143,3 +143,16 @@ def test_qlora_with_zero3_needs_bf16_quant_storage(tmp_path: Path) -> None:
         require(load_config(path), ["sft"], tmp_path / "run")
     assert not sharding.check(load_config(path, ["model.bnb_4bit_quant_storage=bfloat16"]))
     assert not sharding.check(load_config(path, [f"hardware.deepspeed={ds / 'zero2.json'}"]))
+
+
+def test_a_relative_model_folder_is_read_from_the_configs_folder(tmp_path, monkeypatch) -> None:
+    from tunepipe.modeling import model_path
+
+    (tmp_path / "proj" / "models" / "mine").mkdir(parents=True)
+    cfg_file = tmp_path / "proj" / "tunepipe.yaml"
+    cfg_file.write_text("model: {name_or_path: models/mine}\n")
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    cfg = load_config(cfg_file)
+    assert model_path(cfg, log=lambda _m: None) == str(tmp_path / "proj" / "models" / "mine")
+    hub = load_config(None, ["model.name_or_path=Qwen/Qwen3-4B"])
+    assert model_path(hub, log=lambda _m: None) == "Qwen/Qwen3-4B"

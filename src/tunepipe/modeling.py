@@ -128,6 +128,11 @@ def local_rank() -> int:
 
 
 def model_path(cfg: Config, log: Any = print) -> str:
+    """The embedded alias's folder, a local folder (relative paths from the config's folder, as the
+    fingerprint and the preflight read it), or the hub id as written."""
+    local = cfg.path(cfg.model.name_or_path)
+    if local.is_dir():
+        return str(local)
     return resolve_model_path(cfg.model.name_or_path, log=log)
 
 
