@@ -77,6 +77,16 @@ def test_without_a_time_limit_or_a_token_count(capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out == "[dpo] step 1/3  loss 0.693  lr 0  <=48 tok/s  ETA 0:00:08\n"
 
 
+def test_the_stages_headline_metric_follows_the_loss(capsys: pytest.CaptureFixture[str]) -> None:
+    """GRPO's console line carries its mean reward (the first curve of its registry entry)."""
+    from tunepipe.training import _headline
+
+    clock = Clock(0.0)
+    cb = ConsoleProgress("grpo", terminal=False, time_source=clock, shown=_headline("grpo"))
+    _train(cb, clock, [(4.0, {"loss": 0.01, "reward": 0.4375, "num_input_tokens_seen": 400})], max_steps=2)
+    assert capsys.readouterr().out.startswith("[grpo] step 1/2  loss 0.010  reward 0.438  100 tok/s")
+
+
 def test_a_resumed_run_counts_from_its_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:
     clock = Clock(0.0)
     cb = ConsoleProgress("sft", terminal=False, time_source=clock)

@@ -59,11 +59,14 @@ class StepView:
     tokens_estimated: bool = False  # from batch size x max_length: an upper bound, shown as <=
     eta_s: float | None = None
     budget_left_s: float | None = None  # None: the run has no time limit
+    # The stage's own headline metric after the loss (GRPO: reward; DPO: reward accuracy).
+    metrics: tuple[tuple[str, float], ...] = ()
 
     def values(self) -> str:
         parts = []
         if self.loss is not None:
             parts.append(f"loss {self.loss:.3f}")
+        parts += [f"{label} {value:.3f}" for label, value in self.metrics]
         if self.learning_rate is not None:
             parts.append("lr 0" if self.learning_rate == 0 else f"lr {self.learning_rate:.1e}")
         if self.tokens_per_s is not None:
@@ -110,11 +113,13 @@ class ConsoleProgress:
         stage: str,
         budget_end: float | None = None,
         *,
+        shown: tuple[tuple[str, str], ...] = (),  # (log key, label) shown after the loss
         terminal: bool | None = None,
         console: Any = None,  # a rich Console for the bar (tests); default: one on stdout
         time_source: Callable[[], float] = time.time,
     ):
         self.stage = stage
+        self.shown = shown
         self.budget_end = budget_end
         self.terminal = stdout_is_terminal() if terminal is None else terminal
         self.enabled = is_main()  # under DDP every process runs the callbacks; one prints
@@ -202,6 +207,11 @@ class ConsoleProgress:
             tokens_estimated=estimated,
             eta_s=self._eta_s(step, state.max_steps),
             budget_left_s=self._budget_left_s(now),
+            metrics=tuple(
+                (label, float(logs[key]))
+                for key, label in self.shown
+                if isinstance(logs.get(key), int | float)
+            ),
         )
 
     def _mean_step_s(self) -> float | None:

@@ -337,7 +337,9 @@ class Training:
             self.stop,
             FaultInjector(self.stage),
             # Budget left: the whole run's deadline; a context without one (built by hand) has the stage's.
-            ConsoleProgress(self.stage, self.ctx.budget_end or self.ctx.deadline),
+            ConsoleProgress(
+                self.stage, self.ctx.budget_end or self.ctx.deadline, shown=_headline(self.stage)
+            ),
         ]
 
     def _check_losses(self, trainer: Any) -> None:
@@ -564,6 +566,14 @@ def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _headline(stage: str) -> tuple[tuple[str, str], ...]:
+    """The stage's first registered curve, shown on its console line after the loss."""
+    from .stages import registry
+
+    curves = registry.get(stage).curves if registry.is_training_stage(stage) else ()
+    return tuple((c.key, c.label) for c in curves[:1])
 
 
 def starting_model(ctx: StageContext, stage: str, plan: Plan) -> Any:
