@@ -20,11 +20,14 @@ def test_examples_exist() -> None:
 def test_every_example_loads_and_validates(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.hardware.time_limit_s and cfg.hardware.time_limit_s > 0
-    for stage in ("sft", "dpo"):
+    for stage in cfg.pipeline:
         for src in getattr(cfg.data, stage).train:
             p = cfg.path(src.path)
             # Paths are relative to the config file; bundled examples ship their data.
-            assert p.exists() or "quickstart" not in path.name, p
+            assert p.exists() or path.name not in ("quickstart.yaml", "grpo.yaml"), p
+    for s in cfg.eval.sets:
+        if s.source.endswith(".jsonl"):
+            assert cfg.path(s.source).is_file(), s.source
 
 
 def test_quickstart_points_at_bundled_data_and_embedded_model() -> None:
