@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,11 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path, processe
     assert "on the CPU), float32 compute, uint8 storage" in (run / "logs" / "sft.log").read_text()
     assert line in (run / "logs" / "dpo.log").read_text()
     assert (run / "logs" / "eval.log").read_text().count(line) == 3
-    assert "needs a CUDA GPU" not in out and "gemm_4bit_forward" not in out
+    # No refusal of 4-bit on the CPU (flash-attn's own "needs a CUDA GPU" reason is fine).
+    assert (
+        not re.search(r"(4-bit|4bit|QLoRA|qlora)[^\n]*needs a CUDA GPU", out)
+        and "gemm_4bit_forward" not in out
+    )
 
     # SFT: finite losses, falling (the stage's own gate, and first vs last step here).
     losses = [r["loss"] for r in _log(run, "sft")]
@@ -103,7 +108,7 @@ def test_qlora_sft_dpo_eval_on_cpu(tmp_path: Path, tiny_qwen3_64: Path, processe
     dpo = json.loads((run / "dpo" / "stage.json").read_text())
     assert dpo["status"] == "done" and dpo["outputs"]["reference"] == "adapter"
     assert dpo["outputs"]["world_size"] == processes
-    assert dpo["outputs"]["base"] == ["sft/adapter"] and dpo["started_at"] >= sft["started_at"]
+    assert dpo["outputs"]["starts_from"] == "sft" and dpo["started_at"] >= sft["started_at"]
     assert all(math.isfinite(r["loss"]) for r in _log(run, "dpo"))
 
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
