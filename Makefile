@@ -37,7 +37,7 @@ quickstart: install  ## import the embedded model, run SFT -> DPO -> eval -> rep
 	$(BIN)/tunepipe run $(CONFIG)
 
 test: dev  ## run the whole test suite (slow tests included), offline
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=30
 
 test-fast: dev  ## tests that do not train a model
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow"

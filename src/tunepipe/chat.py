@@ -10,6 +10,7 @@ applied), or an `export` output.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,7 @@ class Conversation:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     history: list[dict[str, str]] = field(default_factory=list)
+    last_reply: str = ""  # the cleaned reply of the last `stream` turn
 
     def ask(self, text: str) -> str:
         """One turn: the user's text in, the model's reply out; both join the history."""
@@ -115,6 +117,54 @@ class Conversation:
         reply = strip_thinking(raw).strip()
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         return reply
+
+    def stream(self, text: str) -> Iterator[str]:
+        """One turn like `ask`, greedy (or sampled at `temperature`), yielding the reply's text as it is
+        generated (tunepipe ui's chat panel). The joined pieces are the raw completion; the history
+        gets the same cleaned reply `ask` returns."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from .evaluation import generation_config
+
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+        messages.append({"role": "user", "content": text})
+        prompt = render(
+            self.chat.tokenizer,
+            messages,
+            add_generation_prompt=True,
+            enable_thinking=self.chat.enable_thinking,
+        )
+        tok, model = self.chat.tokenizer, self.chat.model
+        sample = self.temperature > 0
+        gen_cfg = generation_config(
+            model, tok, self.max_new_tokens, sample, self.temperature if sample else 1.0
+        )
+        enc = tok([prompt], return_tensors="pt", add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        out: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with torch.no_grad():
+                    out["ids"] = model.generate(**enc, generation_config=gen_cfg, streamer=streamer)
+            except BaseException as e:  # surfaced to the caller after the stream ends
+                out["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        raw = tok.decode(out["ids"][0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        reply = strip_thinking(raw).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        self.last_reply = reply
 
     def reset(self) -> None:
         self.history.clear()

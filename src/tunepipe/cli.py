@@ -584,6 +584,54 @@ def diagnose(
     raise typer.Exit(EXIT_OK if d.id else EXIT_ERROR)
 
 
+@app.command()
+def ui(
+    runs_dir: Annotated[
+        Path,
+        typer.Argument(help="the folder whose run folders to show (default: ./runs)", show_default=False),
+    ] = Path("runs"),
+    host: Annotated[
+        str, typer.Option("--host", help="address to bind; anything but loopback requires a token")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port (0: any free one)")] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            help="require this token on every request (generated and printed for a non-loopback --host)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """A local web dashboard: the runs list, a run's stage timeline with gates, live training curves
+    (updated as steps are logged), ETA against the time budget, warnings, data statistics and
+    rejects, metrics with deltas, samples side by side, the report, a chat panel streaming any
+    trained stage's replies, and Start / Stop / Resume.
+
+    It reads the run folders and runs the tunepipe command as a subprocess: Stop sends SIGTERM (the
+    run saves a checkpoint and exits 75), Resume runs the run's recorded command again. Configs are
+    read from the current folder. Binds 127.0.0.1 by default; another --host needs a token, checked
+    on every request. Ctrl-C stops the dashboard; the runs it started go on."""
+    from .ui.server import make_server, url_of
+
+    try:
+        server, app_state = make_server(runs_dir, Path.cwd(), host=host, port=port, token=token)
+    except OSError as e:
+        err_console.print(f"error: cannot listen on {host}:{port}: {e.strerror or e}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    # The token is printed on purpose: it is the way in (it stays out of logs and the run folders).
+    typer.echo(f"tunepipe ui: {url_of(server, app_state)}  (runs folder: {app_state.root})", err=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"  bound to {host}: every request needs the token above", err=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        typer.echo("tunepipe ui: stopped (runs it started go on)")
+    finally:
+        server.server_close()
+
+
 @app.command("quickstart-data")
 def quickstart_data(
     out: Annotated[Path, typer.Argument(help="folder for the generated JSONL files")],
@@ -597,6 +645,9 @@ def quickstart_data(
 
 
 def main() -> None:
+    from . import runfolder
+
+    runfolder.INVOCATION = sys.argv[1:]
     try:
         app()
     except SystemExit as e:

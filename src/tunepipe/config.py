@@ -25,7 +25,14 @@ if TYPE_CHECKING:
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; the message says where and how to fix it (exit code 2)."""
+    """A config that cannot be used; the message says where and how to fix it (exit code 2).
+
+    `fields` holds one {"key": dotted key or "", "message": text} per problem found by the schema, so
+    that a form (tunepipe ui) can show each message next to its field."""
+
+    def __init__(self, message: str, fields: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.fields = fields or []
 
 
 class Section(BaseModel):
@@ -209,6 +216,38 @@ class TrainingConfig(Section):
     # The loss_falling gate (mean loss of the last quarter of logged steps below the first quarter's).
     # auto = checked on runs with 10+ logged steps (shorter ones are per-batch noise); false = off.
     loss_falling_gate: Literal["auto"] | bool = "auto"
+    # Experiment trackers the training stages report to (transformers' integrations): tensorboard, wandb,
+    # mlflow, trackio, ... [] or none = nowhere. Each writes under the run folder unless its own
+    # environment variable says otherwise (WANDB_DIR, MLFLOW_TRACKING_URI, ...). Not a stage input:
+    # adding a tracker retrains nothing.
+    report_to: list[str] = Field(default_factory=list)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _as_tracker_list(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list) and [str(x).lower() for x in v] == ["none"]:
+            return []
+        return v
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from .trackers import check_tracker
+
+        for name in v:
+            if name == "all":
+                raise ValueError(
+                    "'all' is not accepted: name the trackers, e.g. [tensorboard, wandb] ('all' would "
+                    "report to whatever happens to be installed)"
+                )
+            if name == "none":
+                raise ValueError("'none' cannot be combined with trackers: write none (or []) alone")
+            check_tracker(name)
+        return list(dict.fromkeys(v))  # once each, in the order given
 
 
 class LoraConfig(Section):
@@ -542,6 +581,13 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls
 
 
+def _error_fields(err: ValidationError, message: str) -> list[dict[str, str]]:
+    """Each schema error's dotted key with its line of the message (same order as `_format_errors`)."""
+    keys = [".".join(str(p) for p in e["loc"]) for e in err.errors()]
+    lines = message.splitlines()
+    return [{"key": k, "message": line} for k, line in zip(keys, lines, strict=False)]
+
+
 def _format_errors(err: ValidationError, source: str, overrides: list[str]) -> str:
     lines = []
     for e in err.errors():
@@ -602,7 +648,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         cfg = config_model().model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source, overrides)) from None
+        message = _format_errors(e, source, overrides)
+        raise ConfigError(message, _error_fields(e, message)) from None
     cfg._base_dir = base
     cfg._source = source
     cfg._overrides = overrides
@@ -628,5 +675,10 @@ def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> str:
     )
 
 
+def resolved_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config with secrets redacted: config.resolved.yaml, and what the trackers log."""
+    return redact(cfg.model_dump(mode="json"))
+
+
 def dump_resolved(cfg: Config) -> str:
-    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+    return yaml.safe_dump(resolved_dict(cfg), sort_keys=False)

@@ -27,7 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
-from . import sharding
+from . import sharding, trackers
 from .config import Config, ConfigError, load_config
 from .modeling import BNB_INSTALL
 from .plan import Machine, Plan, resolve_plan
@@ -1038,6 +1038,8 @@ def config_report(cfg: Config, *, env: Environment | None = None) -> dict[str, A
         "model": cfg.model.name_or_path,
         "model_shape": shape_info,
         "output_dir": str(cfg.output_dir),
+        # training.report_to: {tracker: where it writes}, with this shell's environment.
+        "trackers": trackers.destinations(cfg, "<stage>", cfg.output_dir),
         "stages": stages,
     }
     checks = [
@@ -1137,6 +1139,8 @@ def _plan_lines(report: dict[str, Any]) -> list[str]:
         *(f"  note: {n}" for n in report["notes"]),
         f"  model: {report['model']}" + _shape_text(report["model_shape"]),
         f"  output_dir: {report['output_dir']}",
+        "  trackers: "
+        + ("; ".join(f"{k} -> {v}" for k, v in report["trackers"].items()) or "none (training.report_to)"),
     ]
     for stage, p in report["stages"].items():
         if not p["enabled"]:

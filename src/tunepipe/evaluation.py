@@ -102,6 +102,29 @@ def stop_token_ids(model: Any, tok: Any) -> list[int]:
     return ids
 
 
+def generation_config(
+    model: Any,
+    tok: Any,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Any:
+    """Greedy unless `do_sample`, stopping at EOS or the template's end-of-turn token. A config of our
+    own: the model's shipped defaults (sampling, repetition penalty) don't leak in."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=stops,
+        pad_token_id=pad,
+        **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
+    )
+
+
 def generate(
     model: Any,
     tok: Any,
@@ -120,18 +143,8 @@ def generate(
     unless `do_sample` (seeded per batch from `seed`, so a batch samples the same in any process),
     each stopping at EOS or the template's end-of-turn token."""
     import torch
-    from transformers import GenerationConfig
 
-    stops = stop_token_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    # A config of our own: the model's shipped defaults (sampling, repetition penalty) don't leak in.
-    gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        eos_token_id=stops,
-        pad_token_id=pad,
-        **({"temperature": temperature, "top_p": top_p} if do_sample else {}),
-    )
+    gen_cfg = generation_config(model, tok, max_new_tokens, do_sample, temperature, top_p)
 
     def complete(b: int, idx: list[int]) -> list[str]:
         if do_sample:

@@ -51,6 +51,7 @@ class JsonlLogCallback(TrainerCallback):
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),
             "elapsed_s": round(time.time() - self.t0, 2),
+            "max_steps": state.max_steps,  # for progress and ETA (tunepipe ui)
         }
         row.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
         with self.path.open("a") as fh:

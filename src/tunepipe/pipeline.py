@@ -221,8 +221,17 @@ def _model_files(cfg: Config) -> str:
     return _sha("\n".join(parts).encode())
 
 
+# Config keys inside a stage's sections that do not change what the stage makes.
+NOT_INPUTS = ("training.report_to",)  # where the metrics are sent: adding a tracker retrains nothing
+
+
 def fingerprint(cfg: Config, name: str, upstream: dict[str, str], smoke: bool, code: str) -> str:
     dump = cfg.model_dump(mode="json")
+    for key in NOT_INPUTS:
+        *parents, last = key.split(".")
+        node = _get(dump, ".".join(parents))
+        if isinstance(node, dict):
+            node.pop(last, None)
     spec = stage_specs(cfg)[name]
     payload = {
         "stage": name,
@@ -484,6 +493,11 @@ def _run_stages(
     if is_main():
         write_atomic(run_dir / "config.resolved.yaml", dump_resolved(cfg))
     state.data["config"] = cfg.source
+    from . import runfolder
+
+    if runfolder.INVOCATION is not None:  # the `tunepipe` command: `tunepipe ui` resumes with the same one
+        argv = [redact_text(a) for a in runfolder.INVOCATION]
+        state.data["command"] = {"argv": argv, "cwd": os.getcwd(), "resumable": argv == runfolder.INVOCATION}
     code = code_version()
     plan = _plan(cfg, run_dir, state, selected, forced, smoke, code)
     limit = cfg.hardware.time_limit_s

@@ -1,9 +1,10 @@
 """Preflight: what must hold before a stage starts, checked in seconds without loading weights.
 
 `run`, `train`, `eval` (every pipeline command) call `require()` before the first stage; `doctor`
-shows the same checks. They cover the packages each stage to run needs (and, for QLoRA on a machine
-without a GPU, that bitsandbytes' 4-bit layers run on its CPU), the data files (present, readable),
-the model (present, or in the hub cache when offline), and the run folder: writable, not
+shows the same checks. They cover the packages each stage to run needs (the trackers of
+training.report_to too, and, for QLoRA on a machine without a GPU, that bitsandbytes' 4-bit layers
+run on its CPU), the data files (present, readable), the model (present, or in the hub cache when
+offline), and the run folder: writable, not
 overlapping any input (the run folder's data/ holds prepared splits: a source file there would be
 overwritten), with free disk for the planned checkpoints.
 """
@@ -31,8 +32,9 @@ RUN_FOLDER_FILES = ("pipeline.json", "config.resolved.yaml", "env.json", ".tunep
 
 
 def run_folder_dirs() -> list[str]:
-    """The folders tunepipe writes in a run folder: one per stage (every registered one) and logs."""
-    return [*registry.all_stage_names(), "logs"]
+    """The folders tunepipe writes in a run folder: one per stage (every registered one), logs, and
+    those of the trackers (trackers.env_defaults)."""
+    return [*registry.all_stage_names(), "logs", "wandb", "mlruns", "trackio"]
 
 
 def _training(stages: list[str]) -> list[str]:
@@ -129,6 +131,38 @@ def package_checks(cfg: Config, stages: list[str]) -> list[Check]:
     for module, why, fix in _needed_packages(cfg, stages):
         if not _installed(module):
             out.append(_blocker(f"package {module}", f"{why} needs {module}, which is not installed", fix))
+    return out
+
+
+def tracker_checks(cfg: Config, stages: list[str]) -> list[Check]:
+    """The package of each tracker in training.report_to, when a training stage runs (transformers
+    would stop at the trainer's construction, after the data stage ran)."""
+    if not _training(stages):
+        return []
+    from . import trackers
+
+    out = []
+    for name in cfg.training.report_to:
+        t = trackers.tracker(name)
+        if not all(any(_installed(m) for m in group) for group in t.needs):
+            out.append(
+                _blocker(
+                    f"tracker {name}",
+                    f"training.report_to lists {name}, whose package is not installed",
+                    f"{t.install}, or remove {name} from training.report_to",
+                )
+            )
+        elif name == "mlflow" and trackers.mlflow_store_is_local():
+            lacking = [m for m in trackers.MLFLOW_SQLITE_NEEDS if not _installed(m)]
+            if lacking:
+                out.append(
+                    _blocker(
+                        "tracker mlflow",
+                        f"MLflow's local store (SQLite under the run folder; MLFLOW_TRACKING_URI is not set) "
+                        f"needs {' and '.join(lacking)}, not installed",
+                        f"{trackers.MLFLOW_SQLITE_INSTALL}; or set MLFLOW_TRACKING_URI to your MLflow server",
+                    )
+                )
     return out
 
 
@@ -441,7 +475,7 @@ def sharding_checks(cfg: Config, stages: list[str]) -> list[Check]:
 
 def preflight_checks(cfg: Config, stages: list[str], run_dir: Path, *, create: bool = True) -> list[Check]:
     """Every preflight check for running `stages` into `run_dir`."""
-    checks = [*package_checks(cfg, stages), *sharding_checks(cfg, stages)]
+    checks = [*package_checks(cfg, stages), *tracker_checks(cfg, stages), *sharding_checks(cfg, stages)]
     if (qlora := qlora_cpu_check(cfg, stages)) is not None:
         checks.append(qlora)
     if "data" in stages or "eval" in stages or _training(stages):

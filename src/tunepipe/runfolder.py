@@ -18,6 +18,9 @@ from typing import IO, Any
 from .redaction import redact_text
 
 LOCK_NAME = ".tunepipe.lock"
+# The command line of this process when it is the `tunepipe` command (set by cli.main): pipeline.json
+# records it with its working folder, so that `tunepipe ui` can resume a run with the same command.
+INVOCATION: list[str] | None = None
 # A write that failed for lack of room or rights: the user's to fix (exit 2), not a crash.
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 

@@ -1051,6 +1051,7 @@ def _training_section(sizing: _Sizing) -> str:
             ),
             _kv(1, "save_total_limit", "2", "complete checkpoints kept (>= 2), plus the lowest-loss one"),
             _kv(1, "liger_kernel", "auto", "liger-kernel's fused kernels on a CUDA GPU when installed"),
+            _kv(1, "report_to", "[]", "trackers: tensorboard, wandb, mlflow, ... (under the run folder)"),
         ]
     )
 

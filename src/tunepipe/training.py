@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import sharding
+from . import sharding, trackers
 from .compat import lm_head_on_loss_positions, sampling_kwargs, warmup_kwargs
 from .config import Config, StageTrainingConfig
 from .console import ConsoleProgress, remove_library_printers
@@ -72,7 +72,8 @@ def trainer_args(
         "save_total_limit": None,  # CheckpointMarker rotates: it keeps complete ones and the best
         "seed": t.seed,
         "data_seed": t.seed,
-        "report_to": "none",
+        # training.report_to, the run name <project>/<stage> and trackio's project.
+        **trackers.trainer_kwargs(cfg, stage),
         "use_cpu": plan.device == "cpu",
         "bf16": plan.bf16_autocast or (plan.device == "cuda" and plan.dtype == "bfloat16"),
         "fp16": plan.device == "cuda" and plan.dtype == "float16",
@@ -667,11 +668,13 @@ def run_trainer_stage(
         )
         if after_build is not None:
             after_build(trainer, plan)
+        trackers.attach(trainer, cfg, ctx.log)  # after the trackers' own callbacks: their runs are open
         return trainer
 
-    result = training.run(
-        build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
-    )
+    with trackers.reporting(cfg, stage, ctx.run_dir, ctx.log):
+        result = training.run(
+            build, base_args["per_device_train_batch_size"], base_args["gradient_accumulation_steps"]
+        )
     saved = save_result(training.trainer, out, section)
 
     log_rows = read_log(out / "log.jsonl")

@@ -1,0 +1,1 @@
+"""`tunepipe ui`: a local web dashboard over a runs folder (server.py; the page is static/)."""
