@@ -107,7 +107,7 @@ def request(
     headers: dict[str, str] | None = None,
     read: bool = True,
 ) -> tuple[int, bytes, dict[str, str]]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
     hdrs = {"Host": f"127.0.0.1:{port}", **(headers or {})}
     data = json.dumps(body).encode() if body is not None else None
     if data is not None:
@@ -351,9 +351,73 @@ def test_run_summary_status_eta_and_best(tmp_path: Path) -> None:
     state["stages"]["sft"]["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (d / "pipeline.json").write_text(json.dumps(state))
     assert runs.summary(d)["status"] == "interrupted"
-    # The lock file naming this (live, tunepipe-named) test process: running.
-    (d / ".tunepipe.lock").write_text(json.dumps({"pid": os.getpid()}))
-    is_tunepipe = "tunepipe" in Path(f"/proc/{os.getpid()}/cmdline").read_text()
-    assert runs.summary(d)["status"] == ("running" if is_tunepipe else "interrupted")
-    (d / ".tunepipe.lock").write_text(json.dumps({"pid": 2**22 + 12345}))  # no such process
+    # A process holding the folder's lock (flock) with its PID in the lock file: running. The same
+    # PID written without the lock held (a finished run's file, a reused PID): not running.
+    import fcntl
+
+    lock = d / ".tunepipe.lock"
+    lock.write_text(json.dumps({"pid": os.getpid()}))
+    with lock.open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert runs.summary(d)["status"] == "running"
+        assert runs.summary(d)["used_s"] >= 2.0  # the running stage's time so far counts
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     assert runs.summary(d)["status"] == "interrupted"
+    assert runs.summary(d)["used_s"] == 32.0  # what was recorded; an interrupted clock does not run on
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": "another-machine"}))
+    assert runs.holder(d) is None
+
+
+def test_keep_alive_cookies_config_files_and_metric_names(tmp_path: Path, canary_env: None) -> None:
+    root = tmp_path / "runs"
+    d = fake_run(root)
+    with (d / "sft" / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 4, "loss": 1.5, "mean_token_accuracy": 0.25}) + "\n")
+    (tmp_path / ".env").write_text(f"WANDB_API_KEY={CANARY_ENV}\n")
+    (tmp_path / "secrets.yaml").write_text(
+        "project:\n  name: x\nwandb:\n  api_key: 0123456789abcdef0123456789abcdef01234567\n"
+    )
+    with serve(root, tmp_path, token="tok-123456789") as (port, _app):
+        # A POST whose body the route never reads leaves nothing behind on the keep-alive connection.
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=90)
+        hdrs = {**UI, "Authorization": "Bearer tok-123456789", "Content-Type": "application/json"}
+        conn.request("POST", "/api/runs/demo/stop", body=b"{}", headers=hdrs)
+        assert conn.getresponse().read() and True
+        conn.request("GET", "/api/runs", headers=hdrs)
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["runs"][0]["name"] == "demo"
+        conn.close()
+        # Another app's unparsable cookie on the same host does not hide the dashboard's.
+        cookie = 'other="x; a=b c; tunepipe_ui_token=tok-123456789'
+        assert request(port, "GET", "/api/runs", None, {"Cookie": cookie})[0] == 200
+        auth = {**UI, "Authorization": "Bearer tok-123456789"}
+        # Only YAML configs, and secret-named keys masked in what the form shows.
+        res = json.loads(request(port, "POST", "/api/validate", {"config": ".env"}, auth)[1])
+        assert res["errors"][0]["field"] == "config" and CANARY_ENV not in json.dumps(res)
+        res = json.loads(request(port, "POST", "/api/validate", {"config": "secrets.yaml"}, auth)[1])
+        assert "0123456789abcdef" not in res["yaml"] and "api_key: ***" in res["yaml"]
+        # Metric names are not secrets: mean_token_accuracy reaches the page.
+        rows = json.loads(request(port, "GET", "/api/runs/demo/log?stage=sft", None, auth)[1])["rows"]
+        assert rows[-1]["mean_token_accuracy"] == 0.25
+        # A new stream (a reconnect) starts with reset: the page replaces, never doubles, its points.
+        frames = request(port, "GET", "/api/runs/demo/events", None, auth)[1].decode()
+        logs = [json.loads(x[6:]) for x in frames.splitlines() if x.startswith("data: ") and '"rows"' in x]
+        assert all(f["reset"] for f in logs)
+
+
+def test_a_nan_loss_reaches_the_page_as_null_not_as_invalid_json(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    d = fake_run(root)
+    with (d / "sft" / "log.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 4, "loss": float("nan"), "grad_norm": float("inf")}) + "\n")
+
+    def strict(text: bytes) -> object:  # a browser's JSON.parse: no NaN / Infinity
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a response"))
+
+    with serve(root, tmp_path) as (port, _app):
+        rows = strict(request(port, "GET", "/api/runs/demo/log?stage=sft")[1])["rows"]  # type: ignore[index]
+        assert rows[-1]["loss"] is None and rows[-1]["grad_norm"] is None
+        frame = request(port, "GET", "/api/runs/demo/events")[1].decode()
+        for line in frame.splitlines():
+            if line.startswith("data: "):
+                strict(line[6:].encode())

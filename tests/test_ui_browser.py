@@ -139,6 +139,7 @@ def test_dashboard_live_curves_stop_resume_and_chat(tmp_path: Path, tiny_qwen3: 
             expect(page.locator("svg.chart[data-key=loss]")).to_have_attribute("data-points", "24")
             assert "resuming from checkpoint-" in (run_dir / "logs" / "sft.log").read_text()
             expect(page.locator("#metrics table")).to_contain_text("Δ sft−base")
+            expect(page.frame_locator("iframe.report").locator("h1")).to_contain_text("fine-tuning report")
 
             # Chat with the trained stage: streamed, and the same greedy reply as `tunepipe chat`.
             prompt = "What is 12 + 30?"

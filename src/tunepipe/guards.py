@@ -52,6 +52,7 @@ class JsonlLogCallback(TrainerCallback):
             "epoch": round(state.epoch or 0.0, 4),
             "elapsed_s": round(time.time() - self.t0, 2),
             "max_steps": state.max_steps,  # for progress and ETA (tunepipe ui)
+            "t0": round(self.t0, 3),  # this process's clock start: elapsed_s is measured from it
         }
         row.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
         with self.path.open("a") as fh:

@@ -72,7 +72,7 @@ class Jobs:
             output = out_dir / f"{run}.out"
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "TERM": "dumb"}
             with output.open("ab") as fh:
-                fh.write(f"$ tunepipe {' '.join(argv)}\n".encode())
+                fh.write(redact_text(f"$ tunepipe {' '.join(argv)}\n").encode())
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "tunepipe", *argv],
                     cwd=cwd,
@@ -109,8 +109,12 @@ class Jobs:
     def output(self, run: str, limit: int = 20_000) -> str:
         path = self.root / OUTPUT_DIR / f"{run}.out"
         try:
+            start = max(0, path.stat().st_size - limit)
             with path.open("rb") as fh:
-                fh.seek(max(0, path.stat().st_size - limit))
-                return redact_text(fh.read().decode(errors="replace"))
+                fh.seek(start)
+                data = fh.read()
+            if start:  # from the first whole line: a cut secret would match no pattern
+                data = data.split(b"\n", 1)[-1]
+            return redact_text(data.decode(errors="replace"))
         except OSError:
             return ""

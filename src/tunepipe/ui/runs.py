@@ -7,8 +7,8 @@ the CLI writes. Every value leaves through `redaction.redact` (in the server).""
 from __future__ import annotations
 
 import json
-import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -71,21 +71,27 @@ def is_run_dir(path: Path) -> bool:
 
 
 def holder(run_dir: Path) -> dict[str, Any] | None:
-    """The live tunepipe process that holds the run folder's lock (its PID, command), or None.
+    """The live process that holds the run folder's lock (its PID, command), or None.
 
-    Read from the lock file, never by taking the lock (that could make a starting run exit busy)."""
-    info = _json(run_dir / LOCK_NAME)
+    The lock file keeps the last holder's PID after it ends, and PIDs are reused: a PID counts only
+    while the kernel lists it as holding the flock on that file (/proc/locks). Read, never by taking
+    the lock (that could make a starting run exit busy). Another machine's process (a shared runs
+    folder) is not seen."""
+    path = run_dir / LOCK_NAME
+    info = _json(path)
     pid = info.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
+    if not isinstance(pid, int) or pid <= 0 or info.get("host") not in (None, socket.gethostname()):
         return None
     try:
-        os.kill(pid, 0)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (OSError, ProcessLookupError):
+        inode = path.stat().st_ino
+        locks = Path("/proc/locks").read_text()
+    except OSError:
         return None
-    if "tunepipe" not in cmdline:  # the PID was reused by another program
-        return None
-    return info
+    for line in locks.splitlines():
+        f = line.split()  # "1: FLOCK  ADVISORY  WRITE 12345 fd:01:6815753 0 EOF"
+        if len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(inode):
+            return info if f[4] == str(pid) else None
+    return None
 
 
 def status_of(stages: dict[str, Any], running: bool) -> tuple[str, str | None]:
@@ -107,12 +113,14 @@ def status_of(stages: dict[str, Any], running: bool) -> tuple[str, str | None]:
     )
 
 
-def time_used(stages: dict[str, Any], now: float | None = None) -> float:
-    """Seconds the stages took, the running one so far included."""
+def time_used(stages: dict[str, Any], running: bool, now: float | None = None) -> float:
+    """Seconds the stages took, the running one so far included (while a process runs it)."""
     now = now or time.time()
     total = 0.0
     for rec in stages.values():
-        if rec.get("status") == "running" and rec.get("started_at"):
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("status") == "running" and rec.get("started_at") and running:
             try:
                 started = time.mktime(time.strptime(rec["started_at"], "%Y-%m-%dT%H:%M:%S"))
             except ValueError:
@@ -144,6 +152,8 @@ def best_metric(metrics: dict[str, Any]) -> dict[str, Any] | None:
                 continue
             found = {m: s.get(set_name, {}).get(name) for m, s in models.items()}
             found = {m: v for m, v in found.items() if isinstance(v, int | float)}
+            if not found:
+                continue
             pick = min if name in LOWER_IS_BETTER else max
             model = pick(found, key=lambda m: found[m])
             return {"metric": name, "set": set_name, "model": model, "value": found[model]}
@@ -156,8 +166,9 @@ def eta(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not last or not last.get("max_steps"):
         return None
     step, total, elapsed = last["step"], last["max_steps"], last.get("elapsed_s")
-    # Steps of this process only (a resumed stage logs the resumed steps' time from its restart).
-    first = next((r for r in rows if r.get("elapsed_s") is not None and r.get("step", 0) <= step), None)
+    # Steps of this process only: a resumed stage keeps the earlier process's rows, whose clock
+    # (`t0`) was another one.
+    first = next((r for r in rows if r.get("elapsed_s") is not None and r.get("t0") == last.get("t0")), None)
     left = None
     if isinstance(elapsed, int | float) and first and step > first["step"]:
         per_step = (elapsed - first["elapsed_s"]) / (step - first["step"])
@@ -168,7 +179,8 @@ def eta(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def summary(run_dir: Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
     """One line of the runs list."""
     state = _json(run_dir / "pipeline.json")
-    stages = state.get("stages") or {}
+    stages = state.get("stages")
+    stages = {k: v for k, v in stages.items() if isinstance(v, dict)} if isinstance(stages, dict) else {}
     cfg = config_of(run_dir)
     running = bool(job and job.get("running")) or holder(run_dir) is not None
     status, current = status_of(stages, running)
@@ -177,7 +189,7 @@ def summary(run_dir: Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
         "project": (cfg.get("project") or {}).get("name"),
         "status": status,
         "stage": current,
-        "used_s": time_used(stages),
+        "used_s": time_used(stages, running),
         "budget_s": budget_of(cfg),
         "best": best_metric(_json(run_dir / "eval" / "metrics.json")),
         "updated_at": state.get("updated_at"),
@@ -188,7 +200,14 @@ def summary(run_dir: Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
 def list_runs(root: Path, jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if not root.is_dir():
         return []
-    runs = [summary(d, jobs.get(d.name)) for d in sorted(root.iterdir()) if is_run_dir(d)]
+    runs = []
+    for d in sorted(root.iterdir()):
+        if not is_run_dir(d):
+            continue
+        try:
+            runs.append(summary(d, jobs.get(d.name)))
+        except Exception as e:  # one odd folder does not hide the others
+            runs.append({"name": d.name, "status": "unreadable", "stage": None, "error": str(e)[:200]})
     return sorted(runs, key=lambda r: r.get("updated_at") or "", reverse=True)
 
 

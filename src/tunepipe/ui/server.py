@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import math
 import mimetypes
 import re
 import secrets
@@ -28,19 +29,20 @@ import sys
 import threading
 import time
 import traceback
-from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from ..redaction import redact, redact_text
+from ..redaction import redact_text
 from . import runs
 from .jobs import OUTPUT_DIR, Jobs
 
 COOKIE = "tunepipe_ui_token"
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+IMAGE_TYPES = {".png", ".svg", ".jpg", ".jpeg"}
+MAX_FILE_BYTES = 50 << 20
 TEXT_TYPES = {".html", ".htm", ".md", ".txt", ".log", ".json", ".jsonl", ".yaml", ".yml", ".csv", ".out"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 POLL_S = 0.5  # how often a live page's stream looks at the run folder
@@ -60,6 +62,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header: `127.0.0.1:8765` -> 127.0.0.1, `[::1]:80` -> ::1, `localhost`."""
+    h = header.strip()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
 def key_lines(text: str) -> dict[str, int]:
@@ -132,7 +142,7 @@ class App:
         if not rel or "\0" in rel or Path(rel).is_absolute() or ".." in parts or rel.startswith("/"):
             raise UIError(404, "not found")
         p = (d / rel).resolve()
-        if not p.is_relative_to(self.root) or not p.is_file():
+        if not p.is_relative_to(d.resolve()) or not p.is_file():
             raise UIError(404, "not found")
         return p
 
@@ -183,10 +193,12 @@ class App:
                     "message": f"{config}: configs are read from the project folder {self.project}",
                 }
             )
+        elif path.suffix.lower() not in (".yaml", ".yml"):
+            errors.append({"field": "config", "message": f"{config}: not a YAML config (.yaml, .yml)"})
         elif not path.is_file():
             errors.append({"field": "config", "message": f"{config}: no such file in {self.project}"})
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = redact_yaml(path.read_text(encoding="utf-8", errors="replace"))
         for i, item in enumerate(overrides):
             try:
                 parse_override(item)
@@ -310,6 +322,88 @@ class App:
         return model
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and inf (a diverged loss) as null: JSON has no such numbers and a browser's JSON.parse
+    rejects Python's NaN. Tuples become lists and paths strings, so that redaction sees them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def redact_values(obj: Any) -> Any:
+    """Credentials in every string of a response. By value, not by key name: the API's keys are
+    tunepipe's own (metric names such as `mean_token_accuracy` are not secrets); configs, where a key
+    names a secret, are redacted by key as YAML (`redact_yaml`) or were when written."""
+    if isinstance(obj, dict):
+        return {k: redact_values(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_values(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
+    return obj
+
+
+def redact_yaml(text: str) -> str:
+    """A YAML file as text with the values of secret-named keys masked (`api_key: ***`) and
+    credentials anywhere else, keeping its lines where they were (errors point at them)."""
+    import yaml
+
+    from ..redaction import MASK, is_secret_name
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return redact_text(text)
+    spans: list[tuple[int, int]] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if is_secret_name(str(k.value)) and isinstance(v, yaml.ScalarNode) and v.value:
+                    spans.append((v.start_mark.index, v.end_mark.index))
+                else:
+                    walk(v)
+        elif isinstance(node, yaml.SequenceNode):
+            for v in node.value:
+                walk(v)
+
+    walk(root)
+    for a, b in sorted(spans, reverse=True):
+        text = text[:a] + MASK + text[b:]
+    return redact_text(text)
+
+
+def to_json(obj: Any) -> str:
+    """What every response and event carries: redacted, finite, JSON."""
+    return json.dumps(redact_values(_finite(obj)), default=str, allow_nan=False)
+
+
+def _tail(path: Path, offset: int, n: int = 64) -> bytes:
+    """The `n` bytes of `path` before `offset` (what a rewritten file no longer has there)."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(0, offset - n))
+            return fh.read(min(offset, n))
+    except OSError:
+        return b""
+
+
+def _without_token(url: Any) -> str:
+    """Where the ?token= redirect goes: the same page (relative, for a proxy's path prefix) and
+    query without the token."""
+    from urllib.parse import urlencode
+
+    rest = [(k, v) for k, vs in parse_qs(url.query).items() if k != "token" for v in vs]
+    page = url.path.rsplit("/", 1)[-1] or "./"
+    return page + (f"?{urlencode(rest)}" if rest else "")
+
+
 def _parents(key: str) -> list[str]:
     parts = key.split(".")
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
@@ -340,7 +434,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, obj: Any, status: int = 200) -> None:
-        body = json.dumps(redact(obj), default=str).encode()
+        body = to_json(obj).encode()
         self._send(status, body, "application/json; charset=utf-8")
 
     def _error(self, status: int, message: str, fields: list[dict[str, Any]] | None = None) -> None:
@@ -350,16 +444,18 @@ class Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             return auth[7:].strip()
-        cookie = SimpleCookie(self.headers.get("Cookie", ""))
-        if COOKIE in cookie:
-            return cookie[COOKIE].value
+        # By hand: SimpleCookie drops every cookie after one it cannot parse (another app's, same host).
+        for part in self.headers.get("Cookie", "").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == COOKIE:
+                return v.strip('"')
         q = parse_qs(urlsplit(self.path).query).get("token")
         return q[0] if q else None
 
     def _authorized(self) -> bool:
         app = self.app
         if app.loopback:
-            host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+            host = host_name(self.headers.get("Host") or "")
             if not is_loopback(host):  # another name resolving to 127.0.0.1: DNS rebinding
                 self._error(403, f"Host {host!r} refused: the dashboard answers on 127.0.0.1 / localhost")
                 return False
@@ -386,11 +482,23 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return True
 
+    def _read_body(self) -> bool:
+        """Read the request body first, whatever the answer: bytes left unread would be taken for the
+        next request on this keep-alive connection."""
+        self._raw = b""
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            n = -1
+        if n < 0 or n > 1_000_000:
+            self.close_connection = True
+            self._error(400 if n < 0 else 413, "bad Content-Length" if n < 0 else "request too large")
+            return False
+        self._raw = self.rfile.read(n) if n else b""
+        return True
+
     def _body(self) -> dict[str, Any]:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > 1_000_000:
-            raise UIError(413, "request too large")
-        raw = self.rfile.read(n) if n else b"{}"
+        raw = self._raw or b"{}"
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
@@ -400,8 +508,9 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     def _dispatch(self, method: str) -> None:
+        self._streaming = False
         try:
-            if not self._authorized():
+            if not self._read_body() or not self._authorized():
                 return
             url = urlsplit(self.path)
             if method == "GET" and "token" in parse_qs(url.query) and self.app.token:
@@ -411,7 +520,7 @@ class Handler(BaseHTTPRequestHandler):
                     b"",
                     "text/plain",
                     {
-                        "Location": "./" if url.path in ("", "/") else url.path.rsplit("/", 1)[-1] or "./",
+                        "Location": _without_token(url),
                         "Set-Cookie": f"{COOKIE}={self.app.token}; HttpOnly; SameSite=Strict; Path=/",
                     },
                 )
@@ -425,6 +534,9 @@ class Handler(BaseHTTPRequestHandler):
             pass
         except Exception as e:  # never a traceback to the client
             print(redact_text(traceback.format_exc()), file=sys.stderr)
+            if self._streaming:  # headers are out: end the stream, the page reconnects
+                self.close_connection = True
+                return
             with contextlib.suppress(OSError):
                 self._error(
                     500, f"internal error ({type(e).__name__}); the dashboard's terminal has the details"
@@ -509,12 +621,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def _file(self, path: Path) -> None:
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if path.suffix in TEXT_TYPES:
+        suffix = path.suffix.lower()
+        if suffix not in TEXT_TYPES and suffix not in IMAGE_TYPES:
+            raise UIError(404, "not found (the dashboard serves a run's pages, logs and plots)")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UIError(413, f"{path.name} is larger than {MAX_FILE_BYTES >> 20} MB: open it from disk")
+        if suffix in (".yaml", ".yml"):
+            body = redact_yaml(path.read_text(encoding="utf-8", errors="replace")).encode()
+            ctype = "text/plain; charset=utf-8"
+        elif suffix in TEXT_TYPES:
             body = redact_text(path.read_text(encoding="utf-8", errors="replace")).encode()
             ctype = ("text/plain" if ctype.startswith("application/octet") else ctype) + "; charset=utf-8"
         else:
             body = path.read_bytes()
-        # A run's own pages (report.html) run no script here; their styles and inlined plots render.
+        # A run's own pages (report.html) run no script here (no script source is allowed); their styles
+        # and inlined plots render. (No `sandbox`: its opaque origin fails frame-ancestors 'self'.)
         csp = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; frame-ancestors 'self'"
         self._send(200, body, ctype, {"Content-Security-Policy": csp})
 
@@ -528,34 +649,52 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        self._streaming = True
 
     def _event(self, name: str, data: Any) -> None:
-        payload = json.dumps(redact(data), default=str)
+        payload = to_json(data)
         self.wfile.write(f"event: {name}\ndata: {payload}\n\n".encode())
         self.wfile.flush()
 
     def _events(self, run_dir: Path) -> None:
         """Server-sent events for a run page: `log` {stage, rows, reset} with each stage's new logged
-        steps (checked every POLL_S), `state` when pipeline.json or the job changes (the page then
-        reloads its tables), a comment every few seconds to keep the connection open."""
+        steps (checked every POLL_S; `reset`: the rows replace what the page has — a new connection,
+        or a resumed stage that rewrote its log), `state` when pipeline.json or the job changes (the
+        page then reloads its tables), `gone` when the run folder is removed, a comment every few
+        seconds to keep the connection open."""
         self._start_stream()
+        if self.command == "HEAD":
+            return
         offsets: dict[str, int] = {}
+        tails: dict[str, bytes] = {}
         last_sig: Any = None
         last_ping = time.time()
         while True:
+            if not run_dir.is_dir():
+                self._event("gone", {"run": run_dir.name})
+                return
             cfg = runs.config_of(run_dir)
             for stage in runs.trained_stages(cfg):
                 path = run_dir / stage / "log.jsonl"
-                size = path.stat().st_size if path.is_file() else 0
-                reset = size < offsets.get(stage, 0)  # rewritten: a resumed stage drops later steps
-                if reset:
-                    offsets[stage] = 0
-                rows, offsets[stage] = runs.read_rows(path, offsets.get(stage, 0))
-                if rows or reset:
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    size = 0
+                off = offsets.get(stage)
+                # Rewritten in place (a resumed stage keeps the steps up to its checkpoint, then
+                # appends): shorter than what was read, or other bytes where the last read ended.
+                reset = off is None or size < off or (off > 0 and _tail(path, off) != tails.get(stage))
+                rows, offsets[stage] = runs.read_rows(path, 0 if reset else off or 0)
+                tails[stage] = _tail(path, offsets[stage])
+                if rows or (reset and off is not None):
                     self._event("log", {"stage": stage, "rows": rows, "reset": reset})
             pj = run_dir / "pipeline.json"
             job = self.app.jobs.state(run_dir.name)
-            sig = (pj.stat().st_mtime_ns if pj.is_file() else 0, job and job.get("running"))
+            try:
+                mtime = pj.stat().st_mtime_ns
+            except OSError:
+                mtime = 0
+            sig = (mtime, job and job.get("running"))
             if sig != last_sig:
                 last_sig = sig
                 self._event("state", runs.summary(run_dir, job))
@@ -588,7 +727,9 @@ class Handler(BaseHTTPRequestHandler):
             with self.app._chat_lock:  # one generation at a time on a laptop's cores
                 self._event("status", {"text": f"loading the {stage} model"})
                 model = self.app.chat_model(name, stage)
-                conv = Conversation(model, max_new_tokens=int(body.get("max_new_tokens") or 256))
+                conv = Conversation(
+                    model, max_new_tokens=min(max(1, int(body.get("max_new_tokens") or 256)), 2048)
+                )
                 conv.history = [{"role": m["role"], "content": m["content"]} for m in history]
                 for piece in conv.stream(text):
                     if piece:

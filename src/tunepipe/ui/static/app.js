@@ -6,6 +6,7 @@ window.tunepipeLoadedAt = window.tunepipeLoadedAt || Date.now(); // tests: the p
 
 const $main = document.getElementById("main");
 let cleanup = [];
+let routeGen = 0; // a page's awaits that return after the user moved on do nothing
 
 function el(tag, attrs, ...children) {
   const ns = ["svg", "polyline", "line", "text", "g", "circle"].includes(tag)
@@ -59,6 +60,7 @@ const badge = (status) => el("span", { class: `badge ${status || ""}`, dataset: 
 function route() {
   cleanup.forEach((f) => f());
   cleanup = [];
+  routeGen += 1;
   const h = location.hash || "#/";
   const m = h.match(/^#\/run\/([^/]+)$/);
   if (m) return runPage(decodeURIComponent(m[1]));
@@ -86,13 +88,15 @@ async function runsPage() {
         el("td", {}, el("a", { href: `#/run/${encodeURIComponent(r.name)}` }, r.name)),
         el("td", {}, badge(r.status)),
         el("td", {}, r.stage || "—"),
-        el("td", {}, `${dur(r.used_s)} / ${r.budget_s ? dur(r.budget_s) : "no limit"}`),
+        el("td", {}, r.status === "unreadable" ? (r.error || "") : `${dur(r.used_s)} / ${r.budget_s ? dur(r.budget_s) : "no limit"}`),
         el("td", {}, r.best ? `${r.best.metric} ${num(r.best.value)} (${r.best.model}, ${r.best.set})` : "—"),
         el("td", { class: "muted" }, r.updated_at || "—"))) :
         [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "No runs here yet: start one."))]));
     } catch (e) { root.textContent = `error: ${e.message}`; }
   }
+  const gen = routeGen;
   await refresh();
+  if (gen !== routeGen) return;
   const t = setInterval(refresh, 3000);
   cleanup.push(() => clearInterval(t));
 }
@@ -137,8 +141,10 @@ async function runPage(name) {
   const chartsBox = el("div", { id: "curves" });
   const rest = el("div");
   const chatBox = el("div", { class: "chat", id: "chat" });
+  const output = el("pre", { id: "output" });
+  const outputBox = el("div", { hidden: true }, el("h2", {}, "Output of the command the dashboard ran"), output);
   $main.replaceChildren(head, el("h2", {}, "Stages"), timeline, el("h2", {}, "Training curves"), chartsBox,
-    el("h2", {}, "Chat"), chatBox, rest);
+    el("h2", {}, "Chat"), chatBox, rest, outputBox);
 
   function ensureCharts() {
     for (const [stage, curves] of Object.entries(info.curves)) {
@@ -168,29 +174,42 @@ async function runPage(name) {
     // The group hides curves the trainer never logs (e.g. grad_norm of a stage without it).
     c.svg.parentNode.hidden = !pts.length && key !== "loss";
   }
+  const SKIP = new Set(["step", "epoch", "elapsed_s", "max_steps", "t0"]);
   function addRows(stage, rows, reset) {
     series[stage] = reset ? {} : (series[stage] || {});
     for (const r of rows) {
+      if (typeof r.step !== "number") continue;
       for (const [k, v] of Object.entries(r)) {
-        if (typeof v !== "number" || k === "step" || k === "epoch" || k === "elapsed_s" || k === "max_steps") continue;
-        (series[stage][k] = series[stage][k] || []).push([r.step, v]);
+        if (typeof v !== "number" || SKIP.has(k)) continue;
+        const pts = (series[stage][k] = series[stage][k] || []);
+        while (pts.length && pts[pts.length - 1][0] >= r.step) pts.pop(); // a step logged again
+        pts.push([r.step, v]);
       }
     }
     for (const key of Object.keys(charts[stage] || {})) redraw(stage, key);
   }
 
+  let actionMsg = "";
+  let stopSent = false;
+  let lastStatus = null;
   function renderHead() {
-    const stopBtn = el("button", { id: "btn-stop", disabled: !info.stoppable, onclick: async () => {
+    if (lastStatus !== null && lastStatus !== info.status) actionMsg = ""; // said what it had to say
+    lastStatus = info.status;
+    const stopBtn = el("button", { id: "btn-stop", disabled: !info.stoppable || stopSent, onclick: async () => {
       stopBtn.disabled = true;
-      try { await post(`api/runs/${enc}/stop`); msg.textContent = "SIGTERM sent: the run saves a checkpoint and stops (exit 75)"; }
-      catch (e) { msg.textContent = e.message; }
+      try {
+        await post(`api/runs/${enc}/stop`);
+        stopSent = true;
+        msg.textContent = actionMsg = "SIGTERM sent: the run saves a checkpoint and stops (exit 75)";
+      } catch (e) { msg.textContent = actionMsg = e.message; stopBtn.disabled = false; }
     } }, "Stop");
+    if (!info.stoppable) stopSent = false;
     const resumeBtn = el("button", { id: "btn-resume", class: "secondary", disabled: !info.resumable || info.status === "done", onclick: async () => {
       resumeBtn.disabled = true;
-      try { await post(`api/runs/${enc}/resume`); msg.textContent = `running again: ${info.command}`; await reload(); }
-      catch (e) { msg.textContent = e.message; resumeBtn.disabled = false; }
+      try { await post(`api/runs/${enc}/resume`); actionMsg = `running again: ${info.command}`; await reload(); }
+      catch (e) { msg.textContent = actionMsg = e.message; resumeBtn.disabled = false; }
     } }, info.status === "done" ? "Done" : "Resume");
-    const msg = el("span", { class: "muted", id: "action-msg" });
+    const msg = el("span", { class: "muted", id: "action-msg" }, actionMsg);
     const p = info.progress;
     head.replaceChildren(
       el("h1", {}, info.name, " ", el("span", { id: "run-status" }, badge(info.status))),
@@ -221,7 +240,14 @@ async function runPage(name) {
       })))));
   }
 
+  let restKey = "";
+  let reportFrame = null;
   function renderRest() {
+    const key = JSON.stringify([info.warnings, info.metrics, info.samples, info.data, info.report, info.config, info.status]);
+    if (key === restKey) return; // unchanged: keep open <details>, scroll and the report frame
+    restKey = key;
+    if (info.report && !reportFrame) reportFrame = el("iframe", { class: "report", src: `runs/${enc}/report/report.html`, title: "report" });
+    else if (info.report && reportFrame && info.status !== "running") reportFrame.src = `runs/${enc}/report/report.html`;
     const d = info.data;
     const sources = [["stage", "split", "file", "format", "in", "accepted", "rejected"],
       ...d.sources.map((s) => [s.stage, s.split, String(s.file).split("/").pop(), s.format, s.rows_in, s.rows_accepted, s.rows_rejected])];
@@ -238,12 +264,12 @@ async function runPage(name) {
       d.rejects_total ? el("details", {}, el("summary", {}, `${d.rejects_total} rejected rows (file, line, reason)`), table(rejects, false)) : el("p", { class: "muted" }, "no rejected rows"),
       el("h2", {}, "Report"),
       info.report ? el("div", {}, el("p", {}, el("a", { href: `runs/${enc}/report/report.html`, target: "_blank" }, "open report.html")),
-        el("iframe", { class: "report", src: `runs/${enc}/report/report.html`, title: "report" })) : el("p", { class: "muted" }, "— (the report stage writes it)"),
-      el("h2", {}, "Config"), el("details", {}, el("summary", {}, "config.resolved.yaml"), el("pre", {}, info.config || "—")),
-      info.output ? el("div", {}, el("h2", {}, "Output"), el("pre", { id: "output" }, info.output)) : null);
+        reportFrame) : el("p", { class: "muted" }, "— (the report stage writes it)"),
+      el("h2", {}, "Config"), el("details", {}, el("summary", {}, "config.resolved.yaml"), el("pre", {}, info.config || "—")));
   }
 
   function renderChat() {
+    history = []; // a new panel, a new conversation
     const select = el("select", { id: "chat-stage" }, info.chat_models.map((m) => el("option", { value: m }, m)));
     select.value = info.chat_models[info.chat_models.length - 1];
     const log = el("div", { class: "log", id: "chat-log" });
@@ -307,15 +333,22 @@ async function runPage(name) {
     renderHead();
     ensureCharts();
     renderRest();
+    outputBox.hidden = !info.output;
+    if (output.textContent !== (info.output || "")) {
+      const atEnd = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
+      output.textContent = info.output || "";
+      if (atEnd) output.scrollTop = output.scrollHeight;
+    }
     if (chatModels !== info.chat_models.join()) { chatModels = info.chat_models.join(); renderChat(); }
   }
+  const gen = routeGen;
   await reload();
   // A run just started may not have its folder yet: look again for a while.
-  for (let i = 0; !info && i < 60 && location.hash === `#/run/${enc}`; i++) {
+  for (let i = 0; !info && i < 60 && gen === routeGen; i++) {
     await new Promise((r) => setTimeout(r, 1000));
     await reload();
   }
-  if (!info) return;
+  if (!info || gen !== routeGen) return;
 
   const conn = document.getElementById("conn");
   const es = new EventSource(`api/runs/${enc}/events`);
@@ -326,6 +359,10 @@ async function runPage(name) {
     const d = JSON.parse(e.data);
     if (!charts[d.stage]) ensureCharts();
     addRows(d.stage, d.rows, d.reset);
+  });
+  es.addEventListener("gone", () => {
+    es.close();
+    head.append(el("p", { class: "field-error" }, "this run folder was removed"));
   });
   es.addEventListener("state", () => {
     clearTimeout(pending);
