@@ -133,7 +133,9 @@ def _project(tmp_path: Path, model: Path, rewards: list[dict], **grpo: object) -
     (tmp_path / "grpo_probe.py").write_text(PROBE)
     cfg = {
         "project": {"name": "grpo", "output_dir": "run"},
-        "model": {"name_or_path": str(model)},
+        # fp32 throughout: on a CPU with bf16 (AMX/avx512_bf16) `auto` trains under bf16 autocast,
+        # which learns this probe more slowly; the figures below are fp32's on every machine.
+        "model": {"name_or_path": str(model), "dtype": "float32"},
         "pipeline": ["grpo"],
         "data": {"max_length": 96},
         "training": {

@@ -161,7 +161,8 @@ def _export_equals_adapter_model(cfg: Path, run: Path, out: Path) -> None:
     assert generate(exported, tok, prompts, 8, 5) == generate(adapters, tok, prompts, 8, 5)
 
 
-@pytest.mark.parametrize("order", [["sft", "grpo"], ["sft", "dpo", "grpo"]])
+# [sft, grpo]: GRPO from the SFT model (a three-stage chain is test_registry's toy stage's).
+@pytest.mark.parametrize("order", [["sft", "grpo"]])
 def test_pipeline_order_with_grpo_runs_end_to_end(tmp_path: Path, tiny_qwen3: Path, order: list[str]) -> None:
     """`pipeline:` sets the stages: each starts from the one before, eval has one column per trained
     stage and the report one curve panel per stage."""

@@ -106,28 +106,28 @@ def test_a_stage_from_outside_runs_through_run_eval_report_and_the_cli(
         toy={"max_steps": 3, "learning_rate": 1e-2, "rows": 6, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
     )
     raw = yaml.safe_load(cfg.read_text())
-    raw["pipeline"], raw["plugins"] = ["sft", "toy"], [__name__]
+    # Three stages: the toy one starts from DPO's result, itself made from SFT's (adapters chained).
+    raw["pipeline"], raw["plugins"] = ["sft", "dpo", "toy"], [__name__]
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     here = str(Path(__file__).parent)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
 
     first = tunepipe("run", cfg, "--smoke", env=env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for s in ("data", "sft", "toy", "eval", "report"):
+    for s in ("data", "sft", "dpo", "toy", "eval", "report"):
         assert f"[{s}] running" in first.stdout
-    assert "[dpo]" not in first.stdout  # not in this pipeline
-    assert "toy: starts from the SFT result" in first.stdout
+    assert "toy: starts from the DPO result" in first.stdout
     run_dir = tmp_path / "runs" / "test-smoke"
     done = json.loads((run_dir / "toy" / "stage.json").read_text())
     assert (
-        done["status"] == "done" and done["outputs"]["rows"] == 6 and done["outputs"]["starts_from"] == "sft"
+        done["status"] == "done" and done["outputs"]["rows"] == 6 and done["outputs"]["starts_from"] == "dpo"
     )
     assert (run_dir / "toy" / "adapter" / "adapter_config.json").is_file()
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert list(metrics) == ["base", "sft", "toy"] and "toy_eval" in metrics["toy"]
+    assert list(metrics) == ["base", "sft", "dpo", "toy"] and "toy_eval" in metrics["toy"]
     report = (run_dir / "report" / "report.md").read_text()
     header = next(line for line in report.splitlines() if line.startswith("| set | metric"))
-    assert "| base | sft | toy |" in header and "Δ toy−sft" in header
+    assert "| base | sft | dpo | toy |" in header and "Δ toy−dpo" in header
     assert "toy_curves.png" in report and (run_dir / "report" / "toy_curves.png").is_file()
     assert "**toy**" in report
 
@@ -136,5 +136,5 @@ def test_a_stage_from_outside_runs_through_run_eval_report_and_the_cli(
     assert again.returncode == 0 and "[toy] running" in again.stdout, again.stderr[-2000:]
     chat = tunepipe("chat", cfg, "--stage", "toy", "--smoke", "-p", "hi", env=env)
     assert chat.returncode == 0, chat.stderr[-2000:]
-    wrong = tunepipe("train", cfg, "--stage", "dpo", "--smoke", env=env)
-    assert wrong.returncode == 2 and "not in this config's pipeline (sft, toy)" in wrong.stderr
+    wrong = tunepipe("train", cfg, "--stage", "kto", "--smoke", env=env)
+    assert wrong.returncode == 2 and "not in this config's pipeline (sft, dpo, toy)" in wrong.stderr
