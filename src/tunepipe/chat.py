@@ -94,16 +94,27 @@ class Conversation:
     history: list[dict[str, str]] = field(default_factory=list)
     last_reply: str = ""  # the cleaned reply of the last `stream` turn
 
-    def ask(self, text: str) -> str:
-        """One turn: the user's text in, the model's reply out; both join the history."""
+    def prompt(self, text: str) -> str:
+        """The chat-template prompt of the next turn: system message, history, the user's text."""
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
         messages.append({"role": "user", "content": text})
-        prompt = render(
+        return render(
             self.chat.tokenizer,
             messages,
             add_generation_prompt=True,
             enable_thinking=self.chat.enable_thinking,
         )
+
+    def remember(self, text: str, raw: str) -> str:
+        """The cleaned reply of a raw completion (thinking and whitespace stripped), added with the
+        user's text to the history."""
+        reply = strip_thinking(raw).strip()
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        return reply
+
+    def ask(self, text: str) -> str:
+        """One turn: the user's text in, the model's reply out; both join the history."""
+        prompt = self.prompt(text)
         sample = self.temperature > 0
         raw = generate(
             self.chat.model,
@@ -114,9 +125,7 @@ class Conversation:
             do_sample=sample,
             temperature=self.temperature if sample else 1.0,
         )[0]
-        reply = strip_thinking(raw).strip()
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        return reply
+        return self.remember(text, raw)
 
     def stream(self, text: str) -> Iterator[str]:
         """One turn like `ask`, greedy (or sampled at `temperature`), yielding the reply's text as it is
@@ -125,18 +134,11 @@ class Conversation:
         import threading
 
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         from .evaluation import generation_config
 
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        messages.append({"role": "user", "content": text})
-        prompt = render(
-            self.chat.tokenizer,
-            messages,
-            add_generation_prompt=True,
-            enable_thinking=self.chat.enable_thinking,
-        )
+        prompt = self.prompt(text)
         tok, model = self.chat.tokenizer, self.chat.model
         sample = self.temperature > 0
         gen_cfg = generation_config(
@@ -146,25 +148,36 @@ class Conversation:
         enc = {k: v.to(model.device) for k, v in enc.items()}
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         out: dict[str, Any] = {}
+        stop = threading.Event()  # the reader went away (a closed page): generate no further
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
         def work() -> None:
             try:
                 with torch.no_grad():
-                    out["ids"] = model.generate(**enc, generation_config=gen_cfg, streamer=streamer)
+                    out["ids"] = model.generate(
+                        **enc,
+                        generation_config=gen_cfg,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([Stopped()]),
+                    )
             except BaseException as e:  # surfaced to the caller after the stream ends
                 out["error"] = e
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
         if "error" in out:
             raise out["error"]
         raw = tok.decode(out["ids"][0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        reply = strip_thinking(raw).strip()
-        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-        self.last_reply = reply
+        self.last_reply = self.remember(text, raw)
 
     def reset(self) -> None:
         self.history.clear()
