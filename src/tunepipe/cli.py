@@ -632,6 +632,99 @@ def ui(
         server.server_close()
 
 
+@app.command()
+def serve(
+    target: Annotated[
+        Path,
+        typer.Argument(help="a project config, or a model / adapter / export folder", show_default=False),
+    ],
+    overrides: Overrides = None,
+    stage: Annotated[
+        str | None,
+        typer.Option("--stage", help="base or a trained stage, e.g. sft (default: the latest finished)"),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="address to bind; anything but loopback requires --api-key")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port (0: any free one)")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="TUNEPIPE_API_KEY",
+            help="require `Authorization: Bearer KEY` on every request",
+            show_default=False,
+        ),
+    ] = None,
+    max_tokens_limit: Annotated[
+        int, typer.Option("--max-tokens-limit", help="the most max_tokens a request may ask for", min=1)
+    ] = 1024,
+    max_prompt_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-prompt-tokens",
+            help="the longest prompt accepted, in tokens (default: the config's data.max_length; for "
+            "a folder, the model's max_position_embeddings)",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option("--max-batch-size", help="requests decoded together (1: one at a time)", min=1)
+    ] = 8,
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto (vLLM when installed with a CUDA GPU), transformers, vllm")
+    ] = "auto",
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name",
+            help="the model id clients send (default: <project.name>-<stage>, or the folder name)",
+        ),
+    ] = None,
+    smoke: SmokeOpt = False,
+) -> None:
+    """An OpenAI-compatible API over a run's model: /v1/models, /v1/chat/completions (streamed or not)
+    and /v1/completions, through the run's chat template.
+
+    A chat reply is what `tunepipe chat --prompt` prints for the same stage (greedy when temperature
+    is 0 or absent). vLLM serves when it is installed and a CUDA GPU is visible (the run's adapter
+    as a LoRA module); otherwise transformers, with waiting requests decoded together in batches.
+    Binds 127.0.0.1 by default; another --host refuses to start without an API key. Ctrl-C stops it."""
+    from .chat import ChatError
+    from .serve import Limits, ServeApp, ServeError, check_bind, is_loopback, load_served, make_server, url_of
+
+    api_key = api_key or None
+    try:
+        check_bind(host, api_key)
+        try:  # bind before the model loads: a busy port fails in a second
+            server = make_server(None, host, port)  # type: ignore[arg-type]
+        except OSError as e:
+            raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        served = load_served(
+            target, overrides or [], stage, smoke, backend, max_batch_size, model_name, log=_echo
+        )
+    except (ServeError, ChatError, *_bad_input_types()) as e:
+        err_console.print(f"error: {redact_text(str(e))}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    limits = Limits(max_tokens_limit, max_prompt_tokens or served.default_prompt_limit)
+    server.RequestHandlerClass.app = ServeApp(served, limits, api_key, is_loopback(host))  # type: ignore[attr-defined]
+    # Never the key itself: it stays out of terminals and logs.
+    typer.echo(
+        f"tunepipe serve: {url_of(server)}  (model: {served.model_id}, {served.label}, "
+        f"backend: {served.engine.name})"
+    )
+    if api_key:
+        typer.echo("  every request needs `Authorization: Bearer <the --api-key>`")
+    sys.stdout.flush()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        typer.echo("tunepipe serve: stopped")
+    finally:
+        server.server_close()
+
+
 @app.command("quickstart-data")
 def quickstart_data(
     out: Annotated[Path, typer.Argument(help="folder for the generated JSONL files")],
