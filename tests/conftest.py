@@ -44,6 +44,23 @@ def tiny_tokenizer(tiny_qwen3: Path):
     return AutoTokenizer.from_pretrained(tiny_qwen3)
 
 
+# A secret in the shape of a Hugging Face token, put in the shared smoke run's goal and environment:
+# every file the run, its exports and its cards write must show it masked.
+RUN_SECRET = "hf_" + "Ca9nary7Tok3n" * 3
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path) -> tuple[Path, Path]:
+    """One finished `run --smoke` (tiny Qwen3, SFT then DPO, eval) shared by the tests that read a
+    real run folder (model card, push): (config, run folder). Tests write their exports elsewhere
+    or into the run's own export folders, never over what the stages wrote."""
+    folder = tmp_path_factory.mktemp("smoke-run")
+    cfg = write_config(folder, tiny_qwen3, project={"goal": f"teach skills (token {RUN_SECRET})"})
+    res = tunepipe("run", cfg, "--smoke", env={"HF_TOKEN": RUN_SECRET})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return cfg, folder / "runs" / "test-smoke"
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -416,23 +416,46 @@ def export(
         str | None, typer.Option("--stage", help="a trained stage (default: the last one of `pipeline:`)")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="folder to write (default <output_dir>/export-<stage>)")
+        Path | None,
+        typer.Option(
+            "--out", help="folder to write (default <output_dir>/export-<stage>, or export-<stage>-gguf)"
+        ),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="hf: a safetensors model folder; gguf: one .gguf file and an Ollama Modelfile "
+            "(Llama 3, SmolLM2, Qwen2/2.5, Qwen3)",
+        ),
+    ] = "hf",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="GGUF weight type: f16, bf16 or q8_0 (default: bf16 for a bf16 model, else f16)",
+            show_default=False,
+        ),
     ] = None,
     smoke: SmokeOpt = False,
 ) -> None:
-    """Merge the run's adapters into a standalone safetensors model folder with its tokenizer."""
-    from .export import export_model
+    """Merge the run's adapters into a standalone model: a safetensors folder with its tokenizer
+    (--format hf), or a GGUF file for llama.cpp/Ollama with an Ollama Modelfile (--format gguf)."""
+    from .export import StageNotDone, default_out, export_model
+    from .gguf_export import GGUFExportError
     from .pipeline import run_dir_for
 
     try:
         cfg = load_config(config, overrides or [])
         stage = stage or _last_trained(cfg)
         run_dir = run_dir_for(cfg, smoke)
-        export_model(cfg, run_dir, stage, out or run_dir / f"export-{stage}", log=_echo)
+        export_model(
+            cfg, run_dir, stage, out or default_out(run_dir, stage, fmt), log=_echo, fmt=fmt, quant=quant
+        )
     except FileNotFoundError as e:
         err_console.print(f"error: {e}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except _bad_input_types() as e:
+    except (StageNotDone, GGUFExportError, *_bad_input_types()) as e:
         err_console.print(f"error: {e}", markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
@@ -723,6 +746,71 @@ def serve(
         typer.echo("tunepipe serve: stopped")
     finally:
         server.server_close()
+
+
+@app.command()
+def push(
+    config: ConfigArg,
+    overrides: Overrides = None,
+    repo: Annotated[
+        str, typer.Option("--repo", help="the Hub model repo, e.g. your-name/my-model", show_default=False)
+    ] = "",
+    private: Annotated[
+        bool, typer.Option("--private", help="create the repo private (an existing repo keeps its setting)")
+    ] = False,
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="a trained stage (default: the last one of `pipeline:`)")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="hf: the safetensors folder; gguf: the GGUF file and Modelfile")
+    ] = "hf",
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="list the files and sizes that would be uploaded; upload nothing"),
+    ] = False,
+    smoke: SmokeOpt = False,
+) -> None:
+    """Upload a trained stage's export with its model card (README.md) to a Hugging Face Hub repo.
+
+    The export (`tunepipe export`) is made first unless a current one exists; the card is written
+    from the run folder: base model, stages and hyperparameters, data, metrics base vs each stage,
+    time and hardware, limitations, license. The token is huggingface_hub's: HF_TOKEN or
+    `hf auth login`; it is never printed or written. --dry-run needs no token."""
+    from .export import StageNotDone
+    from .gguf_export import GGUFExportError
+    from .modelcard import ModelCardError
+    from .pipeline import run_dir_for
+    from .push import PushError, UploadFailed, human_size
+    from .push import push as push_to_hub
+
+    try:
+        if not repo:
+            raise PushError("--repo is required: the Hub model repo, e.g. --repo your-name/my-model")
+        cfg = load_config(config, overrides or [])
+        stage = stage or _last_trained(cfg)
+        res = push_to_hub(
+            cfg, run_dir_for(cfg, smoke), stage, repo, private=private, fmt=fmt, dry_run=dry_run, log=_echo
+        )
+    except (PushError, StageNotDone, GGUFExportError, FileNotFoundError, *_bad_input_types()) as e:
+        err_console.print(f"error: {redact_text(str(e))}", markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (UploadFailed, ModelCardError) as e:
+        err_console.print(f"error: {redact_text(str(e))}", markup=False)
+        raise typer.Exit(EXIT_ERROR) from None
+    except Exception as e:
+        _unexpected(e)
+    total = sum(f.size for f in res.files)
+    head = "dry run: would upload" if dry_run else "uploaded"
+    console.print(
+        f"{head} {len(res.files)} files ({human_size(total)}) from {res.folder} to {res.repo_id}:",
+        markup=False,
+    )
+    for f in res.files:
+        console.print(f"  {f.path_in_repo}  {f.size} bytes", markup=False)
+    if res.url:
+        console.print(f"commit: {res.url}", markup=False)
+    elif dry_run:
+        console.print("nothing uploaded (--dry-run)", markup=False)
 
 
 @app.command("quickstart-data")
